@@ -1,0 +1,74 @@
+"""The app factory: lifespan, state, routers, error handlers, middleware, in that order."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.auth import Authenticator
+from app.errors import register_error_handlers
+from app.gateway import Gateway
+from app.keystore import KeyStore, UsageLog
+from app.metrics import Metrics
+from app.middleware import AccessLogMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from app.routes import openai, ops
+from app.settings import Settings
+from app.upstream import create_client
+from engine.external import ExternalEngine
+from engine.handle import EngineHandle
+
+
+def build_engine(settings: Settings) -> EngineHandle:
+    """An external upstream if one is configured, else an engine we start and supervise."""
+    if settings.gateway_upstream_url:
+        key = settings.gateway_upstream_api_key
+        return ExternalEngine(
+            settings.gateway_upstream_url,
+            key.get_secret_value() if key else None,
+            context_length=settings.gateway_context_length,
+        )
+    from engine.manager import managed_engine  # imports the planner; not needed otherwise
+
+    return managed_engine(settings)
+
+
+def create_app(settings: Settings, engine: EngineHandle | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = KeyStore(settings.gateway_db_path)
+        usage_log = UsageLog(settings.gateway_db_path)
+        client = create_client(settings)
+        handle = engine or build_engine(settings)
+        app.state.auth = Authenticator(
+            [k.get_secret_value() for k in settings.gateway_api_keys],
+            [k.get_secret_value() for k in settings.gateway_admin_api_keys],
+            store,
+        )
+        app.state.gateway = Gateway(settings, handle, client, Metrics(), usage_log)
+        await handle.start()
+        try:
+            yield
+        finally:
+            await handle.stop()
+            await client.aclose()
+            usage_log.close()
+            store.close()
+
+    app = FastAPI(
+        title="lowvram gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+    register_error_handlers(app)
+    # Added last runs first: request id, then the access log, then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,57 @@
+"""Prometheus metrics, on a registry per app so that tests can run several gateways."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lowvram_requests",
+            "Requests answered, by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lowvram_request_duration_seconds",
+            "Time from request to last byte.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "lowvram_time_to_first_token_seconds",
+            "Time from request to the first streamed token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "lowvram_tokens",
+            "Tokens processed, by kind (prompt, completion).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.chunks = Counter(
+            "lowvram_stream_chunks",
+            "SSE chunks relayed from the engine.",
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "lowvram_inflight_requests", "Requests at the engine.", registry=self.registry
+        )
+        self.queued = Gauge(
+            "lowvram_queued_requests", "Requests waiting for a slot.", registry=self.registry
+        )
+        self.engine_ready = Gauge(
+            "lowvram_engine_ready", "1 while the engine is ready.", registry=self.registry
+        )
+        self.engine_state_changes = Counter(
+            "lowvram_engine_state_changes",
+            "Engine state transitions, by new state.",
+            ["state"],
+            registry=self.registry,
+        )

@@ -1,0 +1,72 @@
+"""The OpenAI API surface. Handlers only read the body; `Gateway` does the rest."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.auth import ClientKey
+from app.errors import ModelNotFound
+from app.gateway import Gateway
+from app.shaping import parse_body
+
+router = APIRouter()
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    return parse_body(await request.body())
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, key: ClientKey) -> Response:
+    return await _gateway(request).generate(request, key, await _body(request), chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, key: ClientKey) -> Response:
+    return await _gateway(request).generate(request, key, await _body(request), chat=False)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, key: ClientKey) -> Response:
+    return await _gateway(request).forward(request, key, await _body(request), "/v1/embeddings")
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request, key: ClientKey) -> Response:
+    return await _gateway(request).forward(request, key, await _body(request), "/tokenize")
+
+
+def _model_card(model_id: str, context_length: int | None) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": model_id,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "lowvram",
+    }
+    if context_length is not None:
+        card["max_model_len"] = context_length
+    return card
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, key: ClientKey) -> dict[str, Any]:
+    gateway = _gateway(request)
+    context = gateway.served_model().context_length
+    return {"object": "list", "data": [_model_card(m, context) for m in gateway.model_ids(key)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request, key: ClientKey) -> dict[str, Any]:
+    gateway = _gateway(request)
+    if model_id not in gateway.model_ids(key):
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+    return _model_card(model_id, gateway.served_model().context_length)
