@@ -6,7 +6,8 @@
     │   ├── AuthenticationError   401
     │   ├── NotFound              404     (ModelNotFound: code model_not_found)
     │   ├── PayloadTooLarge       413
-    │   └── RateLimited           429     rate_limit_error, with Retry-After
+    │   ├── RateLimited           429     rate_limit_error, with Retry-After
+    │   └── ClientClosed          499     (logged; the client is gone)
     └── ServerError               5xx     server_error
         ├── UpstreamError         502
         ├── EngineUnavailable     503     with Retry-After
@@ -89,6 +90,13 @@ class RateLimited(ClientError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class ClientClosed(ClientError):
+    """The client hung up before its answer; nginx's 499, never seen by anyone."""
+
+    status_code = 499
+    default_code = "client_closed_request"
 
 
 class ServerError(APIError):

@@ -6,12 +6,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from app.errors import APIError
+from app.errors import APIError, ClientClosed
 from app.keystore import KeyRecord, UsageLog, UsageRecord
 from app.metrics import Metrics
 
-# nginx's code for "client closed the request"; logged, never sent.
-CLIENT_CLOSED = 499
+CLIENT_CLOSED = ClientClosed.status_code
 
 
 class Exchange:

@@ -9,7 +9,8 @@ fit context -> open upstream -> relay (stream) or read (JSON).
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -17,8 +18,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from app.admission import Admission
-from app.errors import EngineUnavailable
-from app.exchange import CLIENT_CLOSED, Exchange
+from app.errors import ClientClosed, EngineUnavailable
+from app.exchange import Exchange
 from app.keystore import KeyRecord, UsageLog
 from app.limits import KeyLimiter
 from app.metrics import Metrics
@@ -36,6 +37,8 @@ from app.streaming import RelayResponse, StreamRelay
 from app.tokens import TokenCounter
 from app.upstream import ENGINE_RETRY_AFTER, engine_error, map_transport_error, open_upstream
 from engine.handle import EngineHandle, EngineState, ServedModel
+
+T = TypeVar("T")
 
 # In-flight bound for an engine that does not say how many sequences it batches.
 DEFAULT_MAX_INFLIGHT = 64
@@ -130,18 +133,27 @@ class Gateway:
             if chat:
                 apply_chat_shims(body)
             wants_usage = ask_for_usage(body) if stream else False
-            await self._admit(exchange, key)
-            exchange.prompt_tokens = await fit_context(
-                body, self.engine, self.counter, self.settings.gateway_default_max_tokens, chat=chat
-            )
+            self._take_lease(exchange, key)
             path = "/v1/chat/completions" if chat else "/v1/completions"
-            upstream = await open_upstream(
-                self.client, self.engine, path, body, exchange.request_id
+
+            async def fit() -> None:
+                exchange.prompt_tokens = await fit_context(
+                    body,
+                    self.engine,
+                    self.counter,
+                    self.settings.gateway_default_max_tokens,
+                    chat=chat,
+                )
+
+            if not stream:
+                return await unless_disconnected(
+                    request, lambda: self._call(exchange, path, body, fit)
+                )
+            upstream = await unless_disconnected(
+                request, lambda: self._open(exchange, path, body, fit)
             )
             if upstream.status_code != 200:
                 return await self._engine_refused(upstream, exchange)
-            if not stream:
-                return await self._read_json(request, upstream, exchange)
             relay = StreamRelay(
                 upstream,
                 exchange,
@@ -166,27 +178,59 @@ class Gateway:
             exchange.model = body["model"] = resolve_model(
                 body.get("model"), served, self.settings.gateway_model_aliases, key
             )
-            await self._admit(exchange, key)
-            upstream = await open_upstream(
-                self.client, self.engine, path, body, exchange.request_id
-            )
-            if upstream.status_code != 200:
-                return await self._engine_refused(upstream, exchange)
-            return await self._read_json(request, upstream, exchange)
+            self._take_lease(exchange, key)
+            return await unless_disconnected(request, lambda: self._call(exchange, path, body))
 
-    async def _admit(self, exchange: Exchange, key: KeyRecord) -> None:
+    def _take_lease(self, exchange: Exchange, key: KeyRecord) -> None:
         lease = self.limiter.acquire(key)
         exchange.on_finish(lambda ex: lease.release(ex.total_tokens))
+
+    async def _open(
+        self,
+        exchange: Exchange,
+        path: str,
+        body: dict[str, Any],
+        prepare: Callable[[], Awaitable[None]] | None = None,
+    ) -> httpx.Response:
+        """Wait for a slot, fit the request, and send it; return at the engine's headers."""
         await self.admission.acquire()
         exchange.on_finish(lambda _: self.admission.release())
+        if prepare is not None:
+            await prepare()
+        return await open_upstream(self.client, self.engine, path, body, exchange.request_id)
+
+    async def _call(
+        self,
+        exchange: Exchange,
+        path: str,
+        body: dict[str, Any],
+        prepare: Callable[[], Awaitable[None]] | None = None,
+    ) -> Response:
+        """A request answered with one JSON document."""
+        upstream = await self._open(exchange, path, body, prepare)
+        if upstream.status_code != 200:
+            return await self._engine_refused(upstream, exchange)
+        try:
+            raw = await upstream.aread()
+        except httpx.HTTPError as exc:
+            raise map_transport_error(exc) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+        try:
+            exchange.record_usage(json.loads(raw).get("usage"))
+        except (ValueError, AttributeError):
+            pass
+        exchange.finish(200)
+        return Response(raw, media_type="application/json")
 
     async def _count_prompt(self, body: dict[str, Any], chat: bool) -> int | None:
         if chat:
             return await self.counter.count_chat(self.engine, body)
         prompt = body.get("prompt")
-        return (
-            await self.counter.count_text(self.engine, prompt) if isinstance(prompt, str) else None
-        )
+        if not isinstance(prompt, str):
+            return None
+        return await self.counter.count_text(self.engine, prompt)
 
     async def _engine_refused(self, upstream: httpx.Response, exchange: Exchange) -> Response:
         try:
@@ -199,42 +243,31 @@ class Gateway:
         exchange.finish(status)
         return JSONResponse(body, status_code=status)
 
-    async def _read_json(
-        self, request: Request, upstream: httpx.Response, exchange: Exchange
-    ) -> Response:
-        """Read the whole answer; if the client leaves first, close the engine's request."""
-        raw: bytes | None = None
-        failure: httpx.HTTPError | None = None
 
-        async def read(done: anyio.CancelScope) -> None:
-            nonlocal raw, failure
-            try:
-                raw = await upstream.aread()
-            except httpx.HTTPError as exc:
-                failure = exc
-            done.cancel()
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` until it is done or the client hangs up, whichever comes first.
 
+    Starlette does not cancel a handler when its client leaves. Cancelling `work` here
+    leaves the admission queue, or closes the engine's connection, which aborts the
+    generation there: a client that gave up must not keep the GPU busy.
+    """
+    outcome: list[T] = []
+    failure: list[Exception] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(read, group.cancel_scope)
-                await _until_disconnected(request)
-                group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
-        if failure is not None:
-            raise map_transport_error(failure) from failure
-        if raw is None:
-            exchange.finish(CLIENT_CLOSED)
-            return Response(status_code=CLIENT_CLOSED)
-        try:
-            exchange.record_usage(json.loads(raw).get("usage"))
-        except (ValueError, AttributeError):
+            outcome.append(await work())
+        except Exception as exc:  # re-raised below, outside the task group
+            failure.append(exc)
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, group.cancel_scope)
+        while (await request.receive())["type"] != "http.disconnect":
             pass
-        exchange.finish(200)
-        return Response(raw, media_type="application/json")
-
-
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+        group.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    if not outcome:
+        raise ClientClosed("The client closed the request.")
+    return outcome[0]

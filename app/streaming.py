@@ -68,7 +68,7 @@ class StreamRelay:
             if not self._done:
                 exchange.status = UpstreamError.status_code
                 yield sse_error_event(UpstreamError("The engine ended the stream unfinished."))
-            elif not self._saw_usage and not self._engine_reports_usage:
+            elif not self._saw_usage:
                 usage_event = await self._synthesize_usage()
                 if usage_event is not None:
                     yield usage_event
@@ -128,11 +128,18 @@ class StreamRelay:
                 self._text.append(text)
 
     async def _synthesize_usage(self) -> bytes | None:
-        """Count what the engine did not (llama-cpp-python ignores include_usage)."""
+        """Count what the engine did not (llama-cpp-python ignores include_usage).
+
+        An engine that should have reported usage but did not is charged a token per
+        chunk, which is what vLLM and llama.cpp stream.
+        """
         prompt = self._exchange.prompt_tokens
         if prompt is None:
             prompt = await self._count_prompt()
-        completion = await self._count_text("".join(self._text)) if self._text else 0
+        if self._engine_reports_usage:
+            completion: int | None = self._exchange.chunks
+        else:
+            completion = await self._count_text("".join(self._text)) if self._text else 0
         if prompt is None or completion is None:
             return None
         usage = {

@@ -72,7 +72,11 @@ class ExternalEngine(StateMixin):
     async def _probe_once(self, client: httpx.AsyncClient) -> None:
         try:
             model = await probe_served_model(
-                client, self._base_url, self._api_key, context_length=self._context_length
+                client,
+                self._base_url,
+                self._api_key,
+                context_length=self._context_length,
+                known=self._model,
             )
         except ProbeError as exc:
             was_ready = self._model is not None

@@ -62,14 +62,21 @@ async def probe_served_model(
     api_key: str | None,
     *,
     context_length: int | None = None,
+    known: ServedModel | None = None,
 ) -> ServedModel:
-    """Facts for an engine we do not manage; `context_length` fills in what it won't say."""
+    """Facts for an engine we do not manage; `context_length` fills in what it won't say.
+
+    The tokenizer is detected once per model: `known` is what the last probe found.
+    """
     models = await list_models(client, base_url, api_key)
     if not models:
         raise ProbeError(f"{base_url}/v1/models lists no model")
     first = models[0]
     model_id = str(first["id"])
-    tokenizer = await detect_tokenizer(client, base_url, api_key, model_id)
+    if known is not None and known.id == model_id:
+        tokenizer = known.tokenizer
+    else:
+        tokenizer = await detect_tokenizer(client, base_url, api_key, model_id)
     reported = first.get("max_model_len")
     return ServedModel(
         id=model_id,

@@ -20,6 +20,11 @@ UPSTREAM_KEY = "internal-upstream-key"
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
 def fake() -> Iterator[tuple[FakeUpstream, str]]:
     double = FakeUpstream(api_key=UPSTREAM_KEY)
     with serve(double.app()) as url:

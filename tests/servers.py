@@ -27,7 +27,12 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 @contextmanager
 def serve(app: Any, **config: Any) -> Iterator[str]:
     """Serve an ASGI app on 127.0.0.1; yield its base URL; stop it on exit."""
-    options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "warning"}
+    options: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 5,
+    }
     server = uvicorn.Server(uvicorn.Config(app, **(options | config)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

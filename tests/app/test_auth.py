@@ -53,7 +53,9 @@ def test_health_and_ready_are_public_and_say_nothing_more(gateway: str) -> None:
 
 def test_bearer_and_azure_style_api_key_header_are_accepted(gateway: str) -> None:
     bearer = httpx.post(
-        gateway + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        gateway + "/v1/chat/completions",
+        json=CHAT,
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
     )
     azure = httpx.post(gateway + "/v1/chat/completions", json=CHAT, headers={"api-key": CLIENT_KEY})
     assert bearer.status_code == azure.status_code == 200
@@ -76,7 +78,9 @@ def test_sqlite_keys_work_and_revocation_is_immediate(
     store = KeyStore(tmp_path / "gateway.sqlite3")
     key = store.create("app-one")
     headers = {"Authorization": f"Bearer {key}"}
-    assert httpx.post(gateway + "/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+    assert (
+        httpx.post(gateway + "/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+    )
     assert store.revoke("app-one")
     revoked = httpx.post(gateway + "/v1/chat/completions", json=CHAT, headers=headers)
     assert_openai_error(revoked, 401)

@@ -22,7 +22,7 @@ def chat(gateway: str, auth: dict[str, str], **fields: Any) -> httpx.Response:
 
 
 def last_body(fake: Fake, path: str = "/v1/chat/completions") -> dict[str, Any]:
-    return [r for r in fake[0].records if r.path == path][-1].body
+    return fake[0].last(path).body
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,10 @@ def last_body(fake: Fake, path: str = "/v1/chat/completions") -> dict[str, Any]:
         ({"stop": ["a"] * 17}, "stop"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options.include_usage"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "y"}},
+            "stream_options.include_usage",
+        ),
         ({"model": 3}, "model"),
     ],
 )
@@ -74,7 +77,9 @@ def test_bodies_that_are_not_json_objects_get_400(gateway: str, auth: dict[str, 
         assert_openai_error(response, 400)
 
 
-def test_unknown_fields_pass_through_untouched(gateway: str, auth: dict[str, str], fake: Fake) -> None:
+def test_unknown_fields_pass_through_untouched(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
     extra = {"top_k": 20, "ignore_eos": True, "guided_json": {"type": "object"}, "min_p": 0.05}
     assert chat(gateway, auth, temperature=1, **extra).status_code == 200
     sent = last_body(fake)
@@ -124,7 +129,9 @@ def test_developer_role_becomes_system(gateway: str, auth: dict[str, str], fake:
     assert [m["role"] for m in last_body(fake)["messages"]] == ["system", "user"]
 
 
-def test_max_completion_tokens_becomes_max_tokens(gateway: str, auth: dict[str, str], fake: Fake) -> None:
+def test_max_completion_tokens_becomes_max_tokens(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
     assert chat(gateway, auth, max_completion_tokens=7).status_code == 200
     sent = last_body(fake)
     assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
@@ -148,7 +155,9 @@ def test_default_max_tokens_applies_when_the_client_sends_none(
     assert last_body(fake)["max_tokens"] == 33
 
 
-def test_short_prompts_are_not_sent_to_the_tokenizer(gateway: str, auth: dict[str, str], fake: Fake) -> None:
+def test_short_prompts_are_not_sent_to_the_tokenizer(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
     before = sum(r.path == "/tokenize" for r in fake[0].records)
     assert chat(gateway, auth, max_tokens=100).status_code == 200
     assert sum(r.path == "/tokenize" for r in fake[0].records) == before

@@ -15,6 +15,9 @@ fields through untouched):
 
 Tokens are words: "w0 w1 w2 ...". Prompt tokens are whitespace-separated words plus 3 per
 chat message, the same rule `/tokenize` uses, so tests can predict every count.
+
+`flavor="llamacpp"` makes it look like llama-cpp-python to the gateway's probe: tokenizing at
+`/extras/tokenize` only, and no usage chunk in streams whatever `stream_options` says.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ class Record:
 class FakeUpstream:
     api_key: str | None = None
     context_length: int = 4096
-    stream_usage: bool = True
+    flavor: str = "vllm"
     records: list[Record] = field(default_factory=list)
+
+    def last(self, path: str = "/v1/chat/completions") -> Record:
+        return [r for r in self.records if r.path == path][-1]
 
     def app(self) -> Starlette:
         return Starlette(
@@ -62,6 +68,7 @@ class FakeUpstream:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/extras/tokenize", self.extras_tokenize, methods=["POST"]),
             ]
         )
 
@@ -88,14 +95,23 @@ class FakeUpstream:
                     {
                         "id": MODEL,
                         "object": "model",
-                        "owned_by": "vllm",
+                        "owned_by": "vllm" if self.flavor == "vllm" else "me",
                         "max_model_len": self.context_length,
                     }
                 ],
             }
         )
 
+    async def extras_tokenize(self, request: Request) -> Response:
+        if self.flavor != "llamacpp":
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        body = await request.json()
+        self.records.append(Record("/extras/tokenize", body, dict(request.headers)))
+        return JSONResponse({"tokens": list(range(len(str(body["input"]).split())))})
+
     async def tokenize(self, request: Request) -> Response:
+        if self.flavor != "vllm":
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         body = await request.json()
         self.records.append(Record("/tokenize", body, dict(request.headers)))
         if "messages" in body:
@@ -130,7 +146,9 @@ class FakeUpstream:
         self.records.append(record)
         script = body.get("fake") or {}
         if script.get("hang"):
-            await asyncio.Event().wait()
+            await sleep_unless_disconnected(request, 3600)
+            record.aborted = True
+            return Response(status_code=499)
         if "status" in script:
             return JSONResponse(
                 {
@@ -182,7 +200,7 @@ class FakeUpstream:
                     "usage": usage,
                 }
             )
-        include_usage = self.stream_usage and bool(
+        include_usage = self.flavor == "vllm" and bool(
             (body.get("stream_options") or {}).get("include_usage")
         )
         if tool_call is not None:
