@@ -103,16 +103,16 @@ class Exchange:
 
     def _account(self, latency: float, ttft: float | None) -> None:
         metrics = self._metrics
-        metrics.requests.labels(self.endpoint, str(self.status)).inc()
-        metrics.latency.labels(self.endpoint).observe(latency)
+        metrics.child(metrics.requests, self.endpoint, str(self.status)).inc()
+        metrics.child(metrics.latency, self.endpoint).observe(latency)
         if ttft is not None:
             metrics.ttft.observe(ttft)
         if self.chunks:
             metrics.chunks.inc(self.chunks)
         if self.prompt_tokens:
-            metrics.tokens.labels("prompt").inc(self.prompt_tokens)
+            metrics.child(metrics.tokens, "prompt").inc(self.prompt_tokens)
         if self.completion_tokens:
-            metrics.tokens.labels("completion").inc(self.completion_tokens)
+            metrics.child(metrics.tokens, "completion").inc(self.completion_tokens)
         if self._usage_log is not None:
             self._usage_log.record(
                 UsageRecord(

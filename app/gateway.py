@@ -8,8 +8,9 @@ fit context -> open upstream -> relay (stream) or read (JSON).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -161,6 +162,7 @@ class Gateway:
                 engine_reports_usage=served.stream_usage,
                 count_prompt=lambda: self._count_prompt(body, chat),
                 count_text=lambda text: self.counter.count_text(self.engine, text),
+                idle_timeout=self.settings.gateway_read_timeout,
             )
             return RelayResponse(
                 relay, exchange, ping_seconds=self.settings.gateway_keepalive_seconds
@@ -197,7 +199,15 @@ class Gateway:
         exchange.on_finish(lambda _: self.admission.release())
         if prepare is not None:
             await prepare()
-        return await open_upstream(self.client, self.engine, path, body, exchange.request_id)
+        return await open_upstream(
+            self.client,
+            self.engine,
+            path,
+            body,
+            exchange.request_id,
+            stream=exchange.stream,
+            read_timeout=self.settings.gateway_read_timeout,
+        )
 
     async def _call(
         self,
@@ -244,30 +254,29 @@ class Gateway:
         return JSONResponse(body, status_code=status)
 
 
-async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+async def unless_disconnected(request: Request, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run `work` until it is done or the client hangs up, whichever comes first.
 
     Starlette does not cancel a handler when its client leaves. Cancelling `work` here
     leaves the admission queue, or closes the engine's connection, which aborts the
     generation there: a client that gave up must not keep the GPU busy.
     """
-    outcome: list[T] = []
-    failure: list[Exception] = []
-
-    async def run(scope: anyio.CancelScope) -> None:
-        try:
-            outcome.append(await work())
-        except Exception as exc:  # re-raised below, outside the task group
-            failure.append(exc)
-        scope.cancel()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(run, group.cancel_scope)
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        group.cancel_scope.cancel()
-    if failure:
-        raise failure[0]
-    if not outcome:
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work())
+    watcher = loop.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let its cleanup (leaving the queue, closing the engine's request) finish.
+            await asyncio.wait((task,))
+    if task.cancelled():
         raise ClientClosed("The client closed the request.")
-    return outcome[0]
+    return task.result()
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

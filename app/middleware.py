@@ -23,8 +23,15 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestIdMiddleware:
-    """Accept a sane `x-request-id` or make one; echo it and expose it to every log line."""
+class RequestContextMiddleware:
+    """A request's id and its access log line.
+
+    Accepts a sane `x-request-id` or makes one, echoes it, exposes it to every log line,
+    and logs one line when the last byte is sent (for a stream, at its end). One wrapper
+    around `send` serves both: it is called for every streamed chunk.
+    """
+
+    QUIET_PATHS = ("/health", "/ready", "/metrics")
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -33,21 +40,39 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         raw_id = request_id.encode()
+        status = 500
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", raw_id)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self._log(scope, status, time.perf_counter() - started)
             request_id_var.reset(token)
+
+    def _log(self, scope: Scope, status: int, latency: float) -> None:
+        fields: dict[str, object] = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round(latency * 1000, 2),
+        }
+        exchange = scope["state"].get("exchange")
+        if exchange is not None:
+            fields.update(exchange.log_fields())
+        quiet = scope["path"] in self.QUIET_PATHS and status < 400
+        access_logger.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)
 
 
 class BodyLimitMiddleware:
@@ -102,40 +127,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-class AccessLogMiddleware:
-    """One log line per request, when its last byte is sent (for a stream, at its end)."""
-
-    QUIET_PATHS = ("/health", "/ready", "/metrics")
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            fields: dict[str, object] = {
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            }
-            exchange = scope.get("state", {}).get("exchange")
-            if exchange is not None:
-                fields.update(exchange.log_fields())
-            quiet = scope["path"] in self.QUIET_PATHS and status < 400
-            access_logger.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)

@@ -187,3 +187,16 @@ def test_embeddings_and_tokenize_pass_through(
     counted = httpx.post(gateway + "/tokenize", json={"prompt": "a b c"}, headers=auth)
     assert counted.json()["count"] == 3
     assert fake[0].last("/tokenize").body["model"] == "fake-model"
+
+
+def test_an_engine_silent_mid_stream_is_cut_with_a_timeout_event(
+    make_gateway: GatewayFactory, auth: dict[str, str], fake: Fake
+) -> None:
+    gateway = make_gateway(gateway_read_timeout=0.5)
+    response = stream(gateway, auth, fake={"tokens": 3, "delay": 3})
+    data = data_of(response)
+    assert json.loads(data[0])["choices"][0]["delta"]["content"] == "w0"
+    assert json.loads(data[-2])["error"]["code"] == "upstream_timeout"
+    assert data[-1] == "[DONE]"
+    record = fake[0].last()
+    wait_for(lambda: record.aborted, 10, "the engine to see the gateway hang up")

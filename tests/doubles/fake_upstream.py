@@ -230,8 +230,10 @@ class FakeUpstream:
         )
         delay = float(script.get("delay", 0))
         crashed = False
+        loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(float(script.get("ttft", 0)))
+            started = loop.time()
             for i in range(n_tokens):
                 if i == script.get("error_after"):
                     yield SCRIPTED_ERROR
@@ -250,7 +252,9 @@ class FakeUpstream:
                 yield f"data: {head}{choice}]}}\n\n".encode()
                 record.chunks_sent += 1
                 if delay:
-                    await asyncio.sleep(delay)
+                    # On a fixed schedule, as an engine emits tokens: a slow consumer or a
+                    # late wake-up does not slow the pace down.
+                    await asyncio.sleep(max(0.0, started + (i + 1) * delay - loop.time()))
             if include_usage:
                 yield f'data: {head}],"usage":{json.dumps(usage)}}}\n\n'.encode()
             yield b"data: [DONE]\n\n"
@@ -335,3 +339,17 @@ async def sleep_unless_disconnected(request: Request, seconds: float) -> bool:
         return not done
     finally:
         watcher.cancel()
+
+
+def main() -> None:
+    """Serve the double alone: `python -m tests.doubles.fake_upstream PORT [API_KEY]`."""
+    import sys
+
+    import uvicorn
+
+    double = FakeUpstream(api_key=sys.argv[2] if len(sys.argv) > 2 else None)
+    uvicorn.run(double.app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
