@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 TokenizerStyle = Literal["vllm", "llamacpp"]
 
 
-class EngineState(str, enum.Enum):
+class EngineState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     RESTARTING = "restarting"

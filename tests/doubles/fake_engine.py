@@ -1,0 +1,107 @@
+"""A TEST DOUBLE of an engine process, for the supervisor's tests (never an engine test).
+
+Run like vLLM's server: `python fake_engine.py --model M --port P [vLLM flags...]`, with the
+key in VLLM_API_KEY. It serves the fake upstream's OpenAI API, and behaves on cue through
+environment variables (FAKE_STATE_DIR holds a counter, so a cue can apply to a given start):
+
+    FAKE_START_DELAY=2        seconds before it binds its port (a slow start)
+    FAKE_FAIL_STARTS=oom:2    print a CUDA OOM and exit on starts 1 and 2
+    FAKE_IGNORE_OFFLOAD=1     accept --cpu-offload-gb and do nothing (vLLM's V2 runner)
+    FAKE_IGNORE_SIGTERM=1     ignore SIGTERM (the supervisor must SIGKILL)
+    FAKE_CHILD=1              start a grandchild process that must die with the group
+
+It prints the lines vLLM prints once loaded: 'Total CPU offloaded parameters', 'Model
+loading took', 'GPU KV cache size'. POST /_crash makes it exit at once (a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.doubles.fake_upstream import FakeUpstream  # noqa: E402
+
+FAILURE_LINES = {
+    "oom": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+    "kv": "ValueError: No available memory for the cache blocks. Try increasing "
+    "`gpu_memory_utilization` when initializing the engine.",
+    "busy": "ValueError: Free memory on device cuda:0 (3.1/79.2 GiB) on startup is less than "
+    "desired GPU memory utilization (0.1, 7.92 GiB).",
+    "weird": "RuntimeError: something nobody planned for",
+}
+
+
+def start_number() -> int:
+    state = Path(os.environ.get("FAKE_STATE_DIR", "."))
+    counter = state / "starts"
+    count = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(count))
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--cpu-offload-gb", type=float, default=0.0)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=2**30)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    args, _ = parser.parse_known_args()
+
+    count = start_number()
+    print(f"fake engine start {count}, pid {os.getpid()}", flush=True)
+    if os.environ.get("FAKE_IGNORE_SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("FAKE_CHILD"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        Path(os.environ["FAKE_STATE_DIR"], "child.pid").write_text(str(child.pid))
+    time.sleep(float(os.environ.get("FAKE_START_DELAY", "0")))
+    kind, _, starts = os.environ.get("FAKE_FAIL_STARTS", "").partition(":")
+    if kind and count <= int(starts or 1):
+        print(FAILURE_LINES[kind], flush=True)
+        sys.exit(1)
+
+    if args.cpu_offload_gb and not os.environ.get("FAKE_IGNORE_OFFLOAD"):
+        print(f"INFO Total CPU offloaded parameters: {round(args.cpu_offload_gb, 2)}", flush=True)
+    print("INFO Model loading took 2.13 GiB memory and 12.5 seconds", flush=True)
+    tokens = args.kv_cache_memory_bytes // 57344
+    print(f"INFO GPU KV cache size: {tokens:,} tokens", flush=True)
+
+    double = FakeUpstream(api_key=os.environ.get("VLLM_API_KEY"))
+    app = double.app()
+
+    async def health(_: Request) -> Response:
+        return Response(status_code=200)
+
+    async def crash(_: Request) -> Response:
+        os._exit(3)
+
+    async def models(request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {double.api_key}":
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        name = args.served_model_name or args.model
+        return JSONResponse(
+            {"data": [{"id": name, "object": "model", "max_model_len": args.max_model_len}]}
+        )
+
+    app.router.routes.insert(0, Route("/health", health))
+    app.router.routes.insert(0, Route("/_crash", crash, methods=["POST"]))
+    app.router.routes.insert(0, Route("/v1/models", models))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The supervisor managing real processes: a test double of an engine (tests/doubles)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.backends.vllm import VllmBackend
+from engine.facts import GpuFacts, HostFacts, load_model_facts
+from engine.handle import EngineState
+from engine.planner import PlanRequest
+from engine.supervisor import Supervisor, SupervisorConfig
+from engine.units import GiB
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_ENGINE = [sys.executable, str(ROOT / "tests" / "doubles" / "fake_engine.py")]
+FIXTURES = Path(__file__).parent / "fixtures"
+GPU = GpuFacts("test GPU", 24 * GiB, 24 * GiB, (8, 9))
+HOST = HostFacts(64 * GiB, 64 * GiB)
+FAST = SupervisorConfig(ready_timeout=30, backoff_base=0.1, stop_grace=2, poll_interval=0.1)
+
+
+def backend(vram_gib: float = 16) -> VllmBackend:
+    model = load_model_facts(str(FIXTURES / "qwen2.5-7b-instruct"))
+    return VllmBackend(
+        model, GPU, HOST, PlanRequest(vram=int(vram_gib * GiB)), command=FAKE_ENGINE,
+        measure_vram=lambda: None,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def cues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment cues for the fake engine; its start counter lives in tmp_path."""
+    monkeypatch.setenv("FAKE_STATE_DIR", str(tmp_path))
+    return os.environ  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def supervised() -> AsyncIterator[list[Supervisor]]:
+    """Supervisors made by a test are always stopped, whatever the test did."""
+    made: list[Supervisor] = []
+    yield made
+    for supervisor in made:
+        await supervisor.stop()
+
+
+async def start(
+    made: list[Supervisor], engine_backend: VllmBackend, config: SupervisorConfig = FAST
+) -> Supervisor:
+    supervisor = Supervisor(engine_backend, config)
+    made.append(supervisor)
+    await supervisor.start()
+    return supervisor
+
+
+async def test_slow_start_is_starting_then_ready(
+    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+) -> None:
+    monkeypatch.setenv("FAKE_START_DELAY", "1.5")
+    supervisor = await start(supervised, backend())
+    assert supervisor.state is EngineState.STARTING and supervisor.model is None
+    assert (
+        await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
+        is EngineState.READY
+    )
+    assert supervisor.model is not None and supervisor.model.id == "qwen2.5-7b-instruct"
+    assert supervisor.base_url.startswith("http://127.0.0.1:")
+    async with httpx.AsyncClient() as client:
+        unauthenticated = await client.get(supervisor.base_url + "/v1/models")
+        assert unauthenticated.status_code == 401  # the random key guards the engine
+        authorized = await client.get(
+            supervisor.base_url + "/v1/models",
+            headers={"Authorization": f"Bearer {supervisor.api_key}"},
+        )
+        assert authorized.status_code == 200
+
+
+async def test_known_memory_failure_is_re_planned_one_rung_down(
+    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+) -> None:
+    monkeypatch.setenv("FAKE_FAIL_STARTS", "oom:1")
+    engine = backend(vram_gib=6)
+    before = engine.plan
+    supervisor = await start(supervised, engine)
+    assert (
+        await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
+        is EngineState.READY
+    )
+    assert engine.plan.rung == 1
+    assert engine.plan.offloaded_layers > before.offloaded_layers or (
+        engine.plan.max_num_batched_tokens < before.max_num_batched_tokens
+    )
+    assert any(attempt.startswith("out_of_memory: rung 1") for attempt in supervisor.attempts)
+
+
+async def test_unknown_failure_fails_at_once_saying_what_it_saw(
+    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+) -> None:
+    monkeypatch.setenv("FAKE_FAIL_STARTS", "weird:9")
+    supervisor = await start(supervised, backend())
+    assert await supervisor.wait_for(EngineState.FAILED, timeout=30) is EngineState.FAILED
+    assert "something nobody planned for" in supervisor.detail
+    assert (Path(os.environ["FAKE_STATE_DIR"]) / "starts").read_text() == "1"
+
+
+async def test_replans_are_bounded_and_the_failure_says_what_was_tried(
+    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+) -> None:
+    monkeypatch.setenv("FAKE_FAIL_STARTS", "kv:99")
+    config = SupervisorConfig(ready_timeout=30, max_replans=2, stop_grace=2, poll_interval=0.1)
+    supervisor = await start(supervised, backend(vram_gib=6), config)
+    assert await supervisor.wait_for(EngineState.FAILED, timeout=60) is EngineState.FAILED
+    assert (Path(os.environ["FAKE_STATE_DIR"]) / "starts").read_text() == "3"
+    assert "kv_cache_too_small: rung 1" in supervisor.detail
+    assert "kv_cache_too_small: rung 2" in supervisor.detail
+
+
+async def test_an_offload_that_did_not_take_effect_is_an_error(
+    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+) -> None:
+    monkeypatch.setenv("FAKE_IGNORE_OFFLOAD", "1")
+    engine = backend(vram_gib=5)
+    assert engine.plan.offloaded_layers > 0
+    supervisor = await start(supervised, engine)
+    assert (
+        await supervisor.wait_for(EngineState.FAILED, EngineState.READY, timeout=30)
+        is EngineState.FAILED
+    )
+    assert "Total CPU offloaded parameters" in supervisor.detail
+    assert supervisor.pid is None
+
+
+async def test_offload_that_took_effect_is_reported(
+    cues: dict[str, str], supervised: list[Supervisor]
+) -> None:
+    engine = backend(vram_gib=5)
+    supervisor = await start(supervised, engine)
+    assert (
+        await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
+        is EngineState.READY
+    )
+    assert engine.observed["offloaded_gib"] == pytest.approx(
+        engine.plan.cpu_offload_bytes / GiB, abs=0.01
+    )
+    assert "offloaded" in supervisor.detail and "KV" in supervisor.detail
+
+
+async def test_a_crash_while_serving_is_restarted_with_backoff(
+    cues: dict[str, str], supervised: list[Supervisor]
+) -> None:
+    supervisor = await start(supervised, backend())
+    await supervisor.wait_for(EngineState.READY, timeout=30)
+    first_pid = supervisor.pid
+    seen: list[EngineState] = []
+    supervisor.add_listener(seen.append)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.HTTPError):
+            await client.post(supervisor.base_url + "/_crash")
+    await supervisor.wait_for(EngineState.RESTARTING, timeout=30)
+    ready = await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
+    assert ready is EngineState.READY
+    assert seen[:3] == [EngineState.RESTARTING, EngineState.STARTING, EngineState.READY]
+    assert supervisor.pid != first_pid and supervisor.restarts == 1
+
+
+async def test_crashes_beyond_the_bound_fail(
+    cues: dict[str, str], supervised: list[Supervisor]
+) -> None:
+    config = SupervisorConfig(
+        ready_timeout=30, max_restarts=1, backoff_base=0.1, stop_grace=2, poll_interval=0.1
+    )
+    supervisor = await start(supervised, backend(), config)
+    for _ in range(2):
+        await supervisor.wait_for(EngineState.READY, timeout=30)
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.post(supervisor.base_url + "/_crash")
+        await supervisor.wait_for(EngineState.RESTARTING, EngineState.FAILED, timeout=30)
+    assert await supervisor.wait_for(EngineState.FAILED, timeout=30) is EngineState.FAILED
+    assert "crashed 2 times" in supervisor.detail
+
+
+async def test_stop_kills_an_engine_that_ignores_sigterm_and_its_children(
+    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+) -> None:
+    monkeypatch.setenv("FAKE_IGNORE_SIGTERM", "1")
+    monkeypatch.setenv("FAKE_CHILD", "1")
+    supervisor = await start(supervised, backend())
+    await supervisor.wait_for(EngineState.READY, timeout=30)
+    engine_pid = supervisor.pid
+    child_pid = int((Path(os.environ["FAKE_STATE_DIR"]) / "child.pid").read_text())
+    await supervisor.stop()
+    assert supervisor.state is EngineState.STOPPED
+    for pid in (engine_pid, child_pid):
+        assert pid is not None and not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to read its status.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[1].split()[0] != "Z"
