@@ -108,7 +108,8 @@ class VllmBackend:
         before = self.plan
         self._request, self.plan = request, plan
         return (
-            f"rung {rung}: {plan.offloaded_layers} layers offloaded (was {before.offloaded_layers}), "
+            f"rung {rung}: {plan.offloaded_layers} layers offloaded "
+            f"(was {before.offloaded_layers}), "
             f"KV {plan.kv_cache_tokens:,} tokens (was {before.kv_cache_tokens:,}), "
             f"{plan.max_num_batched_tokens} batched tokens (was {before.max_num_batched_tokens})"
         )
@@ -143,9 +144,13 @@ class VllmBackend:
         if measured is not None:
             self.observed["vram_bytes"] = measured
         est = self.plan.estimate
+        weights, kv_tokens = (
+            self.observed.get("weights_gib", 0.0),
+            self.observed.get("kv_tokens", 0),
+        )
         parts = [
-            f"weights {self.observed.get('weights_gib', float('nan')):.2f} GiB (est {est.weights / GiB:.2f})",
-            f"KV {self.observed.get('kv_tokens', 0):,.0f} tokens (plan {self.plan.kv_cache_tokens:,})",
+            f"weights {weights:.2f} GiB (est {est.weights / GiB:.2f})",
+            f"KV {kv_tokens:,.0f} tokens (plan {self.plan.kv_cache_tokens:,})",
         ]
         if self.plan.cpu_offload_bytes:
             parts.append(

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.doubles.fake_upstream import FakeUpstream  # noqa: E402
+from tests.doubles.fake_upstream import FakeUpstream
 
 FAILURE_LINES = {
     "oom": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
