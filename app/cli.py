@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     configure_logging(settings.gateway_log_level)
     # Let in-flight streams finish on SIGTERM; uvicorn's graceful timeout bounds the wait.
-    AppStatus.disable_automatic_graceful_drain()
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     app = create_app(settings)
     _banner(settings, KeyStore(settings.gateway_db_path))
     config = uvicorn.Config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -20,6 +21,9 @@ from app.upstream import create_client
 from engine.external import ExternalEngine
 from engine.handle import EngineHandle
 
+if TYPE_CHECKING:
+    from engine.manager import EngineOptions
+
 
 def build_engine(settings: Settings) -> EngineHandle:
     """An external upstream if one is configured, else an engine we start and supervise."""
@@ -30,9 +34,32 @@ def build_engine(settings: Settings) -> EngineHandle:
             key.get_secret_value() if key else None,
             context_length=settings.gateway_context_length,
         )
-    from engine.manager import managed_engine  # imports the planner; not needed otherwise
+    from engine.manager import build_engine  # the planner and backends: not for upstreams
 
-    return managed_engine(settings)
+    return build_engine(engine_options(settings))
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    from engine.manager import EngineOptions
+    from engine.supervisor import SupervisorConfig
+
+    return EngineOptions(
+        backend=settings.engine_backend,
+        model=settings.engine_model,
+        vram=settings.engine_vram,
+        context=settings.engine_context,
+        concurrency=settings.engine_concurrency,
+        gpu_memory=settings.engine_gpu_memory,
+        host_memory=settings.engine_host_memory,
+        models_dir=settings.engine_models_dir,
+        threads=settings.engine_threads,
+        extra_args=tuple(settings.engine_extra_args),
+        supervisor=SupervisorConfig(
+            ready_timeout=settings.engine_ready_timeout,
+            max_restarts=settings.engine_max_restarts,
+            max_replans=settings.engine_max_replans,
+        ),
+    )
 
 
 def create_app(settings: Settings, engine: EngineHandle | None = None) -> FastAPI:

@@ -73,8 +73,12 @@ def _is_union_tag(part: int | str) -> bool:
 def resolve_model(
     requested: str | None, served: ServedModel, aliases: dict[str, str], key: KeyRecord
 ) -> str:
-    """The engine's model id for what the client named; 404 for anything else."""
-    target = served.id if not requested else aliases.get(requested, requested)
+    """The engine's model id for what the client named; 404 for anything else.
+
+    No model, or "default", means the served model: examples and clients that must name
+    one work whatever the engine serves.
+    """
+    target = served.id if requested in (None, "", "default") else aliases.get(requested, requested)
     allowed = key.models is None or bool({requested, served.id} & set(key.models))
     if target != served.id or not allowed:
         raise ModelNotFound(

@@ -107,7 +107,7 @@ class StreamRelay:
                             if start == 0 and end + 2 == len(chunk)
                             else chunk[start : end + 2]
                         )
-                    elif out is not None:
+                    elif isinstance(out, bytes):
                         yield out
                     start, end = end + 2, chunk.find(b"\n\n", end + 2)
                 pending = chunk[start:]

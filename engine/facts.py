@@ -291,12 +291,13 @@ def _nvml_gpus() -> list[GpuFacts]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
             gpus.append(
                 GpuFacts(
                     name.decode() if isinstance(name, bytes) else str(name),
                     int(memory.total),
                     int(memory.free),
-                    tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),  # type: ignore[arg-type]
+                    (int(major), int(minor)),
                 )
             )
         return gpus

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from engine.facts import GpuFacts, HostFacts, ModelFacts
 from engine.plan import EnginePlan, VramEstimate
@@ -294,11 +295,8 @@ def _finish(
     )
     if rung:
         reasons.append(f"rung {rung}: estimates raised {30 * rung}% after a failed start")
-    dtype = (
-        "bfloat16"
-        if gpu.compute_capability >= (8, 0) or gpu.compute_capability == (0, 0)
-        else "float16"
-    )
+    modern = gpu.compute_capability >= (8, 0) or gpu.compute_capability == (0, 0)
+    dtype: Literal["bfloat16", "float16", "auto"] = "bfloat16" if modern else "float16"
     if model.quant_method:
         dtype = "auto"
     elif dtype == "float16":
@@ -308,7 +306,7 @@ def _finish(
         served_name=request.served_name or _served_name(model.name),
         budget=budget,
         gpu_total=gpu.total_bytes,
-        dtype=dtype,  # type: ignore[arg-type]
+        dtype=dtype,
         quantization=scheme.name if chosen.scheme.name else None,
         offloaded_layers=chosen.offloaded,
         cpu_offload_bytes=offload_bytes,

@@ -1,0 +1,97 @@
+"""The vLLM backend's own logic: its command, the log lines it reads, what it concludes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.backends.vllm import VllmBackend
+from engine.facts import GpuFacts, HostFacts, load_model_facts
+from engine.planner import PlanRequest
+from engine.units import GiB
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def backend(vram: float = 5, free: int | None = None) -> VllmBackend:
+    return VllmBackend(
+        load_model_facts(str(FIXTURES / "qwen2.5-7b-instruct")),
+        GpuFacts("card", 24 * GiB, 24 * GiB, (8, 9)),
+        HostFacts(64 * GiB, 64 * GiB),
+        PlanRequest(vram=int(vram * GiB)),
+        detect_free=lambda: free,
+        measure_vram=lambda: int(4.5 * GiB),
+    )
+
+
+def test_the_command_binds_loopback_and_keeps_the_key_off_the_command_line() -> None:
+    launch = backend().launch(port=40001, api_key="s3cret-key")
+    argv = launch.argv
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert (
+        argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "40001"
+    )
+    assert "s3cret-key" not in " ".join(argv)
+    assert launch.env["VLLM_API_KEY"] == "s3cret-key"
+    assert launch.env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.2 GiB", "out_of_memory"),
+        ("ValueError: No available memory for the cache blocks. Try", "kv_cache_too_small"),
+        ("(24.0 GiB KV cache is needed, which is larger than the available KV cache memory",
+         "kv_cache_too_small"),
+        ("ValueError: Free memory on device cuda:0 (3.1/79.2 GiB) on startup is less than "
+         "desired GPU memory utilization (0.1, 7.92 GiB).", "gpu_busy"),
+        ("RuntimeError: unrelated", None),
+    ],
+)  # fmt: skip
+def test_known_failures_are_recognized(line: str, kind: str | None) -> None:
+    assert backend().failure(["INFO starting", line, "Traceback ..."]) == kind
+
+
+def test_verification_reads_vllm_lines() -> None:
+    engine = backend()
+    planned = engine.plan.cpu_offload_bytes / GiB
+    for line in (
+        f"INFO 11-21 [uva.py:59] Total CPU offloaded parameters: {planned:.2f}",
+        "INFO 11-21 [gpu_model_runner.py:5348] Model loading took 3.01 GiB memory and 9.1 seconds",
+        "INFO 11-21 [kv_cache_utils.py:2177] GPU KV cache size: 16,384 tokens",
+    ):
+        engine.observe(line)
+    assert engine.verify() == []
+    report = engine.report()
+    assert (
+        "weights 3.01 GiB" in report and "KV 16,384 tokens" in report and "VRAM 4.50 GiB" in report
+    )
+
+
+def test_missing_or_wrong_offload_is_a_problem() -> None:
+    engine = backend()
+    assert "never logged" in engine.verify()[0]
+    engine.observe("Total CPU offloaded parameters: 0.5")
+    assert "offloaded 0.50 GiB" in engine.verify()[0]
+
+
+def test_a_kv_cache_smaller_than_one_sequence_is_a_problem() -> None:
+    engine = backend(vram=16)
+    engine.observe("GPU KV cache size: 1,024 tokens")
+    assert "less than one" in engine.verify()[0]
+
+
+def test_step_down_raises_the_rung_until_the_planner_gives_up() -> None:
+    engine = backend(vram=5.5)
+    changes = []
+    while (change := engine.step_down("out_of_memory")) is not None and len(changes) < 10:
+        changes.append(change)
+    assert changes and changes[0].startswith("rung 1:")
+    assert engine.plan.rung == len(changes)
+
+
+def test_a_busy_gpu_is_re_planned_for_what_is_free() -> None:
+    engine = backend(vram=8, free=int(6 * GiB))
+    assert engine.step_down("gpu_busy") is not None
+    assert engine.plan.budget == int(6 * GiB * 0.95)
