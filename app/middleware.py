@@ -71,7 +71,8 @@ class RequestContextMiddleware:
         exchange = scope["state"].get("exchange")
         if exchange is not None:
             fields.update(exchange.log_fields())
-        quiet = scope["path"] in self.QUIET_PATHS and status < 400
+        # Probes poll these every few seconds, answered 503 while the engine starts.
+        quiet = scope["path"] in self.QUIET_PATHS and status != 401
         access_logger.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)
 
 

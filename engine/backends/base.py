@@ -14,7 +14,8 @@ class Launch:
     """How to start the engine once: its command line, extra environment, and why."""
 
     argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str | None] = field(default_factory=dict)
+    """Added to the gateway's environment; None removes a variable."""
     description: str = ""
 
 

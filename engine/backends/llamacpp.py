@@ -42,6 +42,7 @@ class LlamaCppPlan:
     n_threads: int
     layers: int
     reasons: tuple[str, ...]
+    chat_template: str | None = None
 
     def to_argv(self) -> list[str]:
         return [
@@ -90,7 +91,11 @@ def plan_llamacpp(
     else:
         reasons.append("no GPU: every layer on the CPU")
     reasons.append(f"{threads} threads: the cores this process may use")
-    return LlamaCppPlan(model, n_ctx, gpu_layers, threads, layers, tuple(reasons))
+    template = metadata.get("tokenizer.chat_template")
+    return LlamaCppPlan(
+        model, n_ctx, gpu_layers, threads, layers, tuple(reasons),
+        template if isinstance(template, str) else None,
+    )  # fmt: skip
 
 
 def _kv_bytes(metadata: dict[str, Any], arch: str, n_ctx: int) -> int:
@@ -140,8 +145,10 @@ class LlamaCppBackend:
         argv = [*self._command, *self.plan.to_argv(), "--host", "127.0.0.1", "--port", str(port),
                 *self._extra_args]  # fmt: skip
         # llama-cpp-python lets HOST and PORT from the environment override its flags, and
-        # reads its key (API_KEY) and a CONFIG_FILE from there: set all four ourselves.
-        env = {"API_KEY": api_key, "HOST": "127.0.0.1", "PORT": str(port), "CONFIG_FILE": ""}
+        # reads its key (API_KEY) and a CONFIG_FILE from there: set or clear all four.
+        env: dict[str, str | None] = {
+            "API_KEY": api_key, "HOST": "127.0.0.1", "PORT": str(port), "CONFIG_FILE": None,
+        }  # fmt: skip
         return Launch(argv, env, self.plan.explain())
 
     def served_model(self) -> ServedModel:
@@ -151,6 +158,7 @@ class LlamaCppBackend:
             max_batch=1,
             tokenizer="llamacpp",
             stream_usage=False,
+            chat_template=self.plan.chat_template,
         )
 
     def observe(self, line: str) -> None:

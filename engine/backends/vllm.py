@@ -65,7 +65,7 @@ class VllmBackend:
             *self._extra_args,
         ]  # fmt: skip
         # The key goes in the environment: a command line is visible to every local user.
-        env = self.plan.to_env() | {"VLLM_API_KEY": api_key}
+        env: dict[str, str | None] = {**self.plan.to_env(), "VLLM_API_KEY": api_key}
         return Launch(argv, env, self.plan.explain())
 
     def served_model(self) -> ServedModel:
