@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shlex
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -54,6 +55,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         models_dir=settings.engine_models_dir,
         threads=settings.engine_threads,
         extra_args=tuple(settings.engine_extra_args),
+        command=tuple(shlex.split(settings.engine_command)) if settings.engine_command else None,
         supervisor=SupervisorConfig(
             ready_timeout=settings.engine_ready_timeout,
             max_restarts=settings.engine_max_restarts,

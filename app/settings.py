@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     """llama.cpp CPU threads; default: the cores this process may use."""
     engine_extra_args: CommaList = []
     """Extra engine CLI arguments, appended last (an escape hatch; the plan is printed)."""
+    engine_command: str | None = None
+    """The command that starts the engine's server, e.g. vLLM from its own virtualenv:
+    `/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server`."""
 
     @field_validator(
         "gateway_api_keys", "gateway_admin_api_keys", "engine_extra_args", mode="before"

@@ -35,6 +35,8 @@ class EngineOptions:
     models_dir: Path = Path("models")
     threads: int | None = None
     extra_args: Sequence[str] = ()
+    command: Sequence[str] | None = None
+    """Replaces the backend's own server command (`python -m ...`)."""
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
 
@@ -66,6 +68,7 @@ def build_backend(options: EngineOptions) -> Backend:
             context=options.context,
             threads=options.threads,
             extra_args=options.extra_args,
+            command=options.command,
         )
     except (FactsError, PlanError, ModelError) as exc:
         raise EngineSetupError(str(exc)) from exc
@@ -87,6 +90,7 @@ def _vllm(options: EngineOptions, gpus: list[GpuFacts]) -> VllmBackend:
     return VllmBackend(
         model, gpu, host, request, extra_args=options.extra_args,
         detect_free=lambda: next((g.free_bytes for g in detect_gpus()), None),
+        command=options.command,
     )  # fmt: skip
 
 

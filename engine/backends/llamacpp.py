@@ -125,10 +125,10 @@ class LlamaCppBackend:
         vram: int | None = None,
         context: int | None = None,
         threads: int | None = None,
-        command: Sequence[str] = (sys.executable, "-m", "llama_cpp.server"),
+        command: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self._command = list(command)
+        self._command = list(command or (sys.executable, "-m", "llama_cpp.server"))
         self._extra_args = list(extra_args)
         self.plan = plan_llamacpp(
             model,

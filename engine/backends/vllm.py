@@ -41,13 +41,13 @@ class VllmBackend:
         host: HostFacts,
         request: PlanRequest,
         *,
-        command: Sequence[str] = (sys.executable, "-m", SERVER_MODULE),
+        command: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
         detect_free: Callable[[], int | None] | None = None,
         measure_vram: Callable[[], int | None] = gpu_memory_used,
     ) -> None:
         self._model, self._gpu, self._host, self._request = model, gpu, host, request
-        self._command = list(command)
+        self._command = list(command or (sys.executable, "-m", SERVER_MODULE))
         self._extra_args = list(extra_args)
         self._detect_free = detect_free
         self._measure_vram = measure_vram

@@ -1,0 +1,99 @@
+"""The gateway in front of a supervised engine process (a test double of vLLM's server)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.main import create_app
+from app.settings import Settings
+from engine.handle import EngineState
+from engine.supervisor import Supervisor, SupervisorConfig
+from tests.conftest import ADMIN_KEY, CLIENT_KEY
+from tests.engine.test_supervisor import backend
+from tests.servers import serve, wait_for
+
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+CONFIG = SupervisorConfig(ready_timeout=30, backoff_base=0.5, stop_grace=2, poll_interval=0.1)
+
+
+@pytest.fixture
+def managed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Supervisor]]:
+    monkeypatch.setenv("FAKE_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("FAKE_START_DELAY", "1")
+    supervisor = Supervisor(backend(), CONFIG)
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        gateway_api_keys=[CLIENT_KEY],
+        gateway_admin_api_keys=[ADMIN_KEY],
+        gateway_db_path=tmp_path / "gateway.sqlite3",
+        gateway_max_inflight=1,
+        gateway_keepalive_seconds=0,
+    )
+    with serve(create_app(settings, engine=supervisor)) as url:
+        yield url, supervisor
+
+
+def chat(url: str, **fields: Any) -> httpx.Response:
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]} | fields
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30)
+
+
+def test_ready_follows_the_engine(managed: tuple[str, Supervisor]) -> None:
+    url, supervisor = managed
+    starting = httpx.get(url + "/ready")
+    assert starting.status_code == 503 and supervisor.state is EngineState.STARTING
+    refused = chat(url)
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    wait_for(lambda: supervisor.state is EngineState.READY, 30, "the engine")
+    assert httpx.get(url + "/ready").status_code == 200
+    models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"]
+    assert models[0]["id"] == "qwen2.5-7b-instruct" and models[0]["max_model_len"] == 4096
+    assert chat(url, fake={"tokens": 2}).json()["choices"][0]["message"]["content"] == "w0 w1"
+
+
+def test_an_engine_crash_mid_stream_reaches_the_client_and_the_engine_comes_back(
+    managed: tuple[str, Supervisor],
+) -> None:
+    url, supervisor = managed
+    wait_for(lambda: supervisor.state is EngineState.READY, 30, "the engine")
+    engine_url, first_pid = supervisor.base_url, supervisor.pid
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "fake": {"tokens": 100, "delay": 0.1}}  # fmt: skip
+    queued: list[httpx.Response] = []
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30
+    ) as stream:
+        lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(lines)[6:])["choices"][0]["delta"]["content"] == "w0"
+        # A second request waits for the only slot (GATEWAY_MAX_INFLIGHT=1)...
+        waiter = threading.Thread(target=lambda: queued.append(chat(url)))
+        waiter.start()
+        wait_for(lambda: _queued(url) == 1, 10, "the second request to queue")
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(engine_url + "/_crash")
+        rest = list(lines)
+    error = json.loads(rest[-2][6:])["error"]
+    assert rest[-1] == "data: [DONE]" and error["type"] == "server_error"
+    waiter.join(10)
+    # ...and is answered 503 when the engine goes down, not left to time out.
+    assert (
+        queued[0].status_code == 503 and queued[0].json()["error"]["code"] == "engine_unavailable"
+    )
+    wait_for(lambda: supervisor.state is EngineState.READY, 30, "the engine to come back")
+    assert supervisor.pid != first_pid
+    assert chat(url, fake={"tokens": 1}).status_code == 200
+
+
+def _queued(url: str) -> int:
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    line = next(
+        line for line in metrics.splitlines() if line.startswith("lowvram_queued_requests ")
+    )
+    return int(float(line.split()[1]))

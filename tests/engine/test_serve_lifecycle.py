@@ -1,0 +1,113 @@
+"""`lowvram serve` as a process: one command starts both, SIGTERM drains, no engine is orphaned.
+
+The engine is the test double of vLLM's server (ENGINE_COMMAND), planned for a what-if GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.engine.test_supervisor import _alive
+from tests.servers import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "lifecycle-key-0001"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port = free_port()
+    env = os.environ | {
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_API_KEYS": KEY,
+        "GATEWAY_DB_PATH": str(tmp_path / "gateway.sqlite3"),
+        "GATEWAY_DRAIN_SECONDS": "20",
+        "ENGINE_BACKEND": "vllm",
+        "ENGINE_COMMAND": f"{sys.executable} {ROOT / 'tests' / 'doubles' / 'fake_engine.py'}",
+        "ENGINE_MODEL": str(ROOT / "tests" / "engine" / "fixtures" / "qwen2.5-7b-instruct"),
+        "ENGINE_GPU_MEMORY": "24GiB",
+        "ENGINE_HOST_MEMORY": "64GiB",
+        "ENGINE_VRAM": "16GiB",
+        "FAKE_STATE_DIR": str(tmp_path),
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(lambda: ready() or process.poll() is not None, 60, "lowvram serve to be ready")
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        yield process, url, tmp_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        log.close()
+
+
+def engine_pid(tmp_path: Path) -> int:
+    log = (tmp_path / "serve.log").read_text()
+    line = next(line for line in log.splitlines() if "fake engine start" in line)
+    return int(json.loads(line)["msg"].rsplit("pid ", 1)[1])
+
+
+def test_sigterm_drains_in_flight_streams_then_stops_the_engine(
+    served: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, url, tmp_path = served
+    engine = engine_pid(tmp_path)
+    body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
+                            "stream": True, "fake": {"tokens": 20, "delay": 0.1}}  # fmt: skip
+    received: list[str] = []
+
+    def consume() -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        url_ = url + "/v1/chat/completions"
+        with httpx.stream("POST", url_, json=body, headers=headers, timeout=30) as response:
+            received.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    client = threading.Thread(target=consume)
+    client.start()
+    wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+    process.send_signal(signal.SIGTERM)
+    client.join(30)
+    assert received[-1] == "data: [DONE]" and len(received) == 21  # 20 tokens, nothing cut
+    # uvicorn re-raises the signal it handled once it has shut down cleanly.
+    assert process.wait(30) in (0, -signal.SIGTERM)
+    wait_for(lambda: not _alive(engine), 10, "the engine to be gone")
+
+
+def test_a_killed_gateway_takes_its_engine_with_it(
+    served: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, _, tmp_path = served
+    engine = engine_pid(tmp_path)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    wait_for(lambda: not _alive(engine), 10, "the engine to follow its parent")
