@@ -31,6 +31,7 @@ from app.shaping import (
     ask_for_usage,
     check_stream_options,
     fit_context,
+    key_may_use,
     resolve_model,
     validate,
 )
@@ -100,9 +101,7 @@ class Gateway:
             for alias, target in self.settings.gateway_model_aliases.items()
             if target == served.id
         ]
-        return [
-            n for n in names if key.models is None or n in key.models or served.id in key.models
-        ]
+        return [name for name in names if key_may_use(key, name, served.id)]
 
     # --- requests ----------------------------------------------------------------------
 

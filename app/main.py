@@ -54,7 +54,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         host_memory=settings.engine_host_memory,
         models_dir=settings.engine_models_dir,
         threads=settings.engine_threads,
-        extra_args=tuple(settings.engine_extra_args),
+        extra_args=tuple(shlex.split(settings.engine_extra_args)),
         command=tuple(shlex.split(settings.engine_command)) if settings.engine_command else None,
         supervisor=SupervisorConfig(
             ready_timeout=settings.engine_ready_timeout,

@@ -16,8 +16,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.units import parse_size
 
-CommaList = Annotated[list[str], NoDecode]
-
 
 def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
@@ -49,12 +47,11 @@ class Settings(BaseSettings):
     """HTTP transport under httpx's API; aiohttp measured cheaper per chunk (bench/)."""
     gateway_connect_timeout: float = Field(5.0, gt=0)
     gateway_read_timeout: float = Field(600.0, gt=0)
-    """Longest silence from the engine, per read; offloaded prefill can take minutes."""
+    """Longest silence from the engine (a stream's idle time, or a whole JSON answer);
+    offloaded prefill can take minutes."""
     gateway_max_connections: int = Field(256, ge=1)
 
     # --- gateway: request shaping ---------------------------------------------------------
-    gateway_served_model_name: str | None = None
-    """Model id clients see; defaults to the engine's own id."""
     gateway_model_aliases: Annotated[dict[str, str], NoDecode] = {}
     """alias=target pairs, comma-separated (or a JSON object), e.g. gpt-4o-mini=qwen2.5-7b."""
     gateway_context_length: int | None = Field(None, ge=1)
@@ -94,15 +91,13 @@ class Settings(BaseSettings):
     engine_max_replans: int = Field(3, ge=0)
     engine_threads: int | None = Field(None, ge=1)
     """llama.cpp CPU threads; default: the cores this process may use."""
-    engine_extra_args: CommaList = []
-    """Extra engine CLI arguments, appended last (an escape hatch; the plan is printed)."""
+    engine_extra_args: str = ""
+    """Extra engine CLI arguments, appended last, shell-quoted (an escape hatch)."""
     engine_command: str | None = None
     """The command that starts the engine's server, e.g. vLLM from its own virtualenv:
     `/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server`."""
 
-    @field_validator(
-        "gateway_api_keys", "gateway_admin_api_keys", "engine_extra_args", mode="before"
-    )
+    @field_validator("gateway_api_keys", "gateway_admin_api_keys", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)

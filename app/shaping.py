@@ -79,13 +79,18 @@ def resolve_model(
     one work whatever the engine serves.
     """
     target = served.id if requested in (None, "", "default") else aliases.get(requested, requested)
-    allowed = key.models is None or bool({requested, served.id} & set(key.models))
+    allowed = key_may_use(key, requested, served.id)
     if target != served.id or not allowed:
         raise ModelNotFound(
             f"The model '{requested}' does not exist or you do not have access to it.",
             param="model",
         )
     return served.id
+
+
+def key_may_use(key: KeyRecord, name: str | None, served_id: str) -> bool:
+    """A key's model list may name the model, the alias asked for, or "default"."""
+    return key.models is None or bool({name, served_id, "default"} & set(key.models))
 
 
 def apply_chat_shims(body: dict[str, Any]) -> None:
