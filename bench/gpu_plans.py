@@ -1,0 +1,242 @@
+"""Plan accuracy and speed on a real GPU: for each budget, plan, start vLLM behind the gateway,
+measure, stop.
+
+    python bench/gpu_plans.py MODEL_DIR --vram 5 8 16 [--context 2048 --concurrency 8]
+                              [--out results.jsonl] [--tokens 128]
+
+Per budget it records: the plan's estimate and the VRAM nvidia-smi shows once ready (the
+engine is alone on the card), vLLM's own figures (weights, KV tokens, offloaded GiB), whether
+it started on the first try and the rungs used if not, start-up time, decode tokens/s for one
+stream and for `--concurrency` streams (ignore_eos, fixed lengths), the gateway's added time
+to first token (the same requests straight to the engine and through the gateway,
+interleaved), and the offload roofline: host-to-device bandwidth (measured first, in its own
+process) over the offloaded bytes each decode step reads, against the achieved steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.main import create_app
+from app.settings import Settings
+from engine.backends.vllm import VllmBackend
+from engine.facts import detect_gpus, detect_host, gpu_memory_used, load_model_facts
+from engine.handle import EngineState
+from engine.planner import PlanError, PlanRequest
+from engine.supervisor import Supervisor, SupervisorConfig
+from engine.units import GiB
+from tests.servers import serve
+
+KEY = "bench-gpu-key-0001"
+
+BANDWIDTH_PROBE = """
+import torch, time
+x = torch.empty(2 * 1024**3, dtype=torch.uint8).pin_memory()
+y = torch.empty_like(x, device="cuda")
+for _ in range(2): y.copy_(x, non_blocking=True)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(5): y.copy_(x, non_blocking=True)
+torch.cuda.synchronize(); print(5 * x.numel() / (time.perf_counter() - t))
+"""
+
+
+@dataclass
+class Result:
+    model: str
+    budget_gib: float
+    plan: dict[str, Any] = field(default_factory=dict)
+    estimate_gib: float = 0.0
+    measured_gib: float | None = None
+    first_try: bool = False
+    rungs: list[str] = field(default_factory=list)
+    startup_s: float | None = None
+    observed: dict[str, float] = field(default_factory=dict)
+    one_stream_tok_s: float | None = None
+    many_streams_tok_s: float | None = None
+    gateway_ttft_added_ms: float | None = None
+    direct_ttft_ms: float | None = None
+    offloaded_gib: float = 0.0
+    roofline_steps_s: float | None = None
+    roofline_ratio: float | None = None
+    error: str | None = None
+
+
+def h2d_bandwidth() -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", BANDWIDTH_PROBE], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+async def stream_once(
+    client: httpx.AsyncClient, url: str, key: str, model: str, tokens: int
+) -> tuple[float, float, int]:
+    """(time to first token, decode seconds after it, completion tokens) of one stream."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    started = time.perf_counter()
+    first = last = 0.0
+    completion = 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as response:  # fmt: skip
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                completion = data["usage"]["completion_tokens"]
+            elif data.get("choices") and data["choices"][0].get("delta", {}).get("content"):
+                last = time.perf_counter()
+                first = first or last
+    return first - started, last - first, completion
+
+
+async def measure(result: Result, gateway: str, engine: str, engine_key: str, model: str,
+                  tokens: int, streams: int) -> None:  # fmt: skip
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_once(client, gateway, KEY, "default", 4)  # warm-up
+        ttft = {"direct": [], "gateway": []}  # type: dict[str, list[float]]
+        for _ in range(10):
+            ttft["direct"].append((await stream_once(client, engine, engine_key, model, 1))[0])
+            ttft["gateway"].append((await stream_once(client, gateway, KEY, "default", 1))[0])
+        result.direct_ttft_ms = statistics.median(ttft["direct"]) * 1000
+        result.gateway_ttft_added_ms = (
+            statistics.median(ttft["gateway"]) - statistics.median(ttft["direct"])
+        ) * 1000
+        _, decode_s, completion = await stream_once(client, gateway, KEY, "default", tokens)
+        result.one_stream_tok_s = (completion - 1) / decode_s
+        began = time.perf_counter()
+        runs = await asyncio.gather(
+            *(stream_once(client, gateway, KEY, "default", tokens) for _ in range(streams))
+        )
+        result.many_streams_tok_s = sum(r[2] for r in runs) / (time.perf_counter() - began)
+
+
+def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth: float) -> Result:
+    facts = load_model_facts(model_dir)
+    result = Result(model=Path(model_dir).name, budget_gib=vram_gib)
+    request = PlanRequest(
+        vram=int(vram_gib * GiB), context=args.context, concurrency=args.concurrency
+    )
+    try:
+        backend = VllmBackend(facts, detect_gpus()[0], detect_host(), request)
+    except PlanError as exc:
+        result.error = f"refused: {exc}"
+        return result
+    first_plan = backend.plan
+    supervisor = Supervisor(backend, SupervisorConfig(ready_timeout=900, max_restarts=0))
+    settings = Settings(
+        _env_file=None, gateway_api_keys=[KEY], gateway_db_path=Path(args.work) / "bench.sqlite3"
+    )  # type: ignore[call-arg]
+    started = time.monotonic()
+    with serve(create_app(settings, engine=supervisor)) as gateway:
+        while (
+            supervisor.state not in (EngineState.READY, EngineState.FAILED)
+            and time.monotonic() - started < 960
+        ):
+            time.sleep(0.5)
+        result.startup_s = time.monotonic() - started
+        plan = backend.plan
+        result.plan = plan.model_dump(
+            include={"quantization", "offloaded_layers", "max_model_len", "max_num_seqs",
+                     "max_num_batched_tokens", "enforce_eager", "rung"}
+        ) | {
+            "kv_cache_tokens": plan.kv_cache_tokens,
+            "estimate": {k: round(v / GiB, 3) for k, v in plan.estimate.model_dump().items()},
+        }  # fmt: skip
+        result.estimate_gib = plan.estimate.total / GiB
+        result.rungs = [a for a in supervisor.attempts if not a.startswith("start on port")]
+        result.first_try = plan.rung == 0 and not result.rungs and plan == first_plan
+        result.observed = dict(backend.observed)
+        if supervisor.state is not EngineState.READY:
+            result.error = supervisor.detail[-2000:]
+            return result
+        used = gpu_memory_used()
+        result.measured_gib = used / GiB if used is not None else None
+        result.offloaded_gib = plan.cpu_offload_bytes / GiB
+        if plan.cpu_offload_bytes:
+            result.roofline_steps_s = bandwidth / plan.cpu_offload_bytes
+        asyncio.run(measure(result, gateway, supervisor.base_url, supervisor.api_key or "",
+                            plan.served_name, args.tokens, args.concurrency))  # fmt: skip
+        if result.roofline_steps_s and result.one_stream_tok_s:
+            result.roofline_ratio = result.one_stream_tok_s / result.roofline_steps_s
+    return result
+
+
+COLUMNS = ["model", "budget", "plan", "est. VRAM", "measured", "est/meas", "first try",
+           "start", "1 stream", "N streams", "offload roofline", "gateway +TTFT"]  # fmt: skip
+
+
+def row(r: Result) -> list[str]:
+    if r.measured_gib is None:
+        return [r.model, f"{r.budget_gib:g} GiB", (r.error or "")[:160]] + [""] * 9
+    p = r.plan
+    roof = "no offload"
+    if r.roofline_steps_s and r.roofline_ratio:
+        roof = f"{r.roofline_steps_s:.1f} steps/s bound, {r.roofline_ratio:.0%} reached"
+    return [
+        r.model,
+        f"{r.budget_gib:g} GiB",
+        f"{p['quantization'] or 'bf16'}, {p['offloaded_layers']} layers offloaded, "
+        f"{p['max_num_seqs']}x{p['max_model_len']}",
+        f"{r.estimate_gib:.2f} GiB",
+        f"{r.measured_gib:.2f} GiB",
+        f"{r.estimate_gib / r.measured_gib:.2f}",
+        "yes" if r.first_try else "no: " + "; ".join(r.rungs),
+        f"{r.startup_s:.0f} s",
+        f"{r.one_stream_tok_s:.1f} tok/s",
+        f"{r.many_streams_tok_s:.1f} tok/s",
+        roof,
+        f"{r.gateway_ttft_added_ms:+.2f} ms (direct {r.direct_ttft_ms:.0f} ms)",
+    ]
+
+
+def print_table(results: list[Result], bandwidth: float) -> None:
+    gpu = detect_gpus()[0].name if detect_gpus() else "?"
+    print(f"\n{gpu}, host-to-device {bandwidth / 1e9:.1f} GB/s (pinned, measured)\n")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for result in results:
+        print("| " + " | ".join(row(result)) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--vram", type=float, nargs="+", required=True, help="budgets in GiB")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", default="gpu_plans.jsonl")
+    parser.add_argument("--work", default="/tmp")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    bandwidth = h2d_bandwidth()
+    results = []
+    for vram in args.vram:
+        result = run_one(args.model_dir, vram, args, bandwidth)
+        results.append(result)
+        with open(args.out, "a") as out:
+            out.write(json.dumps(asdict(result) | {"h2d_bytes_per_s": bandwidth}) + "\n")
+        print(json.dumps(asdict(result)), flush=True)
+    print_table(results, bandwidth)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""On a GPU: `lowvram serve` with a managed vLLM engine, driven through the gateway.
+
+Skipped where there is no NVIDIA GPU or no vLLM. The model is a Hugging Face directory named
+by LOWVRAM_GPU_TEST_MODEL (on the lent H100: a random-weight Qwen2.5-0.5B-shaped checkpoint
+with the real tokenizer, from ../shared/gpu/mkmodel.py), so answers are gibberish: the tests
+check the protocol, the accounting and the recovery, not the words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from langchain_openai import ChatOpenAI
+
+from engine.facts import detect_gpus
+from tests.servers import wait_for
+
+MODEL = os.environ.get("LOWVRAM_GPU_TEST_MODEL", "/tmp/m05")
+KEY = "gpu-test-key-0001"
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not detect_gpus(), reason="no NVIDIA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+    pytest.mark.skipif(not Path(MODEL, "config.json").is_file(), reason=f"no model at {MODEL}"),
+]
+
+
+def _vllm_pids() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"vllm.entrypoints.openai.api_server" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("gpu")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = os.environ | {
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_API_KEYS": KEY,
+        "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
+        "ENGINE_BACKEND": "vllm",
+    }
+    log_path = tmp / "serve.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--model", MODEL, "--vram", "4GiB",
+             "--context", "2048", "--concurrency", "4"],
+            cwd=tmp, env=env, stdout=log, stderr=log,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: _ready(url) or process.poll() is not None, 600, "vLLM behind lowvram")
+            assert process.poll() is None, log_path.read_text(errors="replace")[-4000:]
+            print(f"lowvram serve ready in {time.monotonic() - started:.0f} s")
+            yield url, log_path
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(120)
+    assert not _vllm_pids(), "an engine process outlived lowvram serve"
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def client(served: tuple[str, Path]) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0) as sdk:
+        yield sdk
+
+
+HELLO = [{"role": "user", "content": "Say something."}]
+FIXED = {"ignore_eos": True}  # random weights: fix the length so the counts are known
+
+
+def test_streaming_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="default", messages=HELLO, max_tokens=24, stream=True,
+            stream_options={"include_usage": True}, extra_body=FIXED,
+        )
+    )  # fmt: skip
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) >= 12
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 24 and usage.prompt_tokens > 5
+
+
+def test_non_streaming(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="default", messages=HELLO, max_tokens=16, extra_body=FIXED
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == 16
+    assert completion.choices[0].message.content
+
+
+def test_two_concurrent_streams(served: tuple[str, Path]) -> None:
+    async def both() -> list[int]:
+        async with openai.AsyncOpenAI(
+            base_url=served[0] + "/v1", api_key=KEY, max_retries=0
+        ) as sdk:
+
+            async def one() -> int:
+                stream = await sdk.chat.completions.create(
+                    model="default", messages=HELLO, max_tokens=32, stream=True,
+                    stream_options={"include_usage": True}, extra_body=FIXED,
+                )  # fmt: skip
+                chunks = [chunk async for chunk in stream]
+                assert chunks[-1].usage is not None
+                return chunks[-1].usage.completion_tokens
+
+            return list(await asyncio.gather(one(), one()))
+
+    assert asyncio.run(both()) == [32, 32]
+
+
+def test_langchain(served: tuple[str, Path]) -> None:
+    llm = ChatOpenAI(base_url=served[0] + "/v1", api_key=KEY, model="default", max_tokens=8,
+                     max_retries=0, extra_body=FIXED)  # fmt: skip
+    assert llm.invoke("Say something.").content
+    assert "".join(str(chunk.content) for chunk in llm.stream("Say something."))
+
+
+def test_engine_killed_mid_stream_gives_an_sse_error_and_comes_back(
+    served: tuple[str, Path], client: openai.OpenAI
+) -> None:
+    url, log_path = served
+    body = {"model": "default", "messages": HELLO, "max_tokens": 2000, "stream": True, **FIXED}
+    received: list[str] = []
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                received.append(line)
+            if len(received) == 5:
+                for pid in _vllm_pids():
+                    os.killpg(pid, signal.SIGKILL)
+    error = json.loads(received[-2][6:])["error"]
+    assert received[-1] == "data: [DONE]" and error["type"] == "server_error"
+    wait_for(lambda: not _ready(url), 30, "/ready to notice the engine is gone")
+    wait_for(lambda: _ready(url), 600, "the supervisor to bring vLLM back")
+    completion = client.chat.completions.create(
+        model="default", messages=HELLO, max_tokens=8, extra_body=FIXED
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+    assert "restart" in log_path.read_text(errors="replace")
