@@ -179,6 +179,17 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
     return result
 
 
+def wait_gpu_released(timeout: float = 180.0) -> None:
+    """Before the next budget: the last engine must be gone from the card."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        used = gpu_memory_used()
+        if used is not None and used < GiB:
+            return
+        time.sleep(1)
+    print(f"warning: {((gpu_memory_used() or 0) / GiB):.2f} GiB still in use", flush=True)
+
+
 COLUMNS = ["model", "budget", "plan", "est. VRAM", "measured", "est/meas", "first try",
            "start", "1 stream", "N streams", "offload roofline", "gateway +TTFT"]  # fmt: skip
 
@@ -230,6 +241,7 @@ def main() -> None:
     bandwidth = h2d_bandwidth()
     results = []
     for vram in args.vram:
+        wait_gpu_released()
         result = run_one(args.model_dir, vram, args, bandwidth)
         results.append(result)
         with open(args.out, "a") as out:

@@ -66,7 +66,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     started = time.monotonic()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--model", MODEL, "--vram", "4GiB",
+            [sys.executable, "-m", "app.cli", "serve", "--model", MODEL, "--vram", "3GiB",
              "--context", "2048", "--concurrency", "4"],
             cwd=tmp, env=env, stdout=log, stderr=log,
         )  # fmt: skip
