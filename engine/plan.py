@@ -21,7 +21,7 @@ class VramEstimate(BaseModel):
     model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     cuda_context: int
-    """CUDA context, cuBLAS workspace and the allocator's own overhead."""
+    """CUDA context, workspaces and warm-up buffers: what vLLM holds whatever the model."""
     weights: int
     """Weights left on the GPU: embeddings, lm_head, layers not offloaded, quant states."""
     kv_cache: int
@@ -126,7 +126,7 @@ class EnginePlan(BaseModel):
     def explain(self) -> str:
         est = self.estimate
         rows = [
-            ("CUDA context and workspace", est.cuda_context),
+            ("CUDA context and workspaces", est.cuda_context),
             ("weights on the GPU", est.weights),
             (f"KV cache ({self.kv_cache_tokens:,} tokens)", est.kv_cache),
             (f"activations ({self.max_num_batched_tokens} batched tokens)", est.activations),

@@ -9,11 +9,13 @@ Rules, in order:
 5. Only when every layer is offloaded and it still does not fit, shrink the KV cache:
    fewer sequences, then a shorter context, down to a floor; below that, refuse.
 
-The memory model (what vLLM 0.26 holds on the GPU once ready):
-    CUDA context  +  weights left on the GPU  +  KV cache  +  peak activations  (+ graphs)
+The memory model (what vLLM 0.26 holds on the GPU once ready, as nvidia-smi shows it):
+    fixed overhead  +  weights left on the GPU  +  KV cache  +  peak activations  (+ graphs)
 Activations are those of vLLM's start-up profiling pass over max_num_batched_tokens
-tokens; bitsandbytes adds one dequantized bf16 weight matrix for batched matmuls.
-The constants were measured on an H100 with vLLM 0.26.0 (docs/benchmarks.md).
+tokens, which the allocator keeps cached; bitsandbytes adds the bf16 output of its
+dequantizing matmuls and one dequantized weight matrix, and leaves the scratch of
+quantizing at load time cached too. The constants were fitted to vLLM 0.26.0 runs on an
+H200 (docs/benchmarks.md): the estimates there came within 5% of nvidia-smi.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from engine.facts import GpuFacts, HostFacts, ModelFacts
 from engine.plan import EnginePlan, VramEstimate
 from engine.units import GiB, MiB, gib
 
-CUDA_CONTEXT = 640 * MiB
-"""Context, cuBLAS/cuDNN handles and allocator slack of a vLLM worker (H100, CUDA 13)."""
-CUDA_GRAPHS = 1 * GiB
-"""Reserved for captured graphs and torch.compile when a plan is not eager."""
+FIXED_OVERHEAD = 1536 * MiB
+"""CUDA context, cuBLAS and attention workspaces, warm-up buffers: 1.46-1.56 GiB measured
+(H200, CUDA 13, torch 2.11) whatever the model; smaller cards need somewhat less."""
+CUDA_GRAPHS = 256 * MiB
+"""Captured graphs and torch.compile's buffers when a plan is not eager (0.05 GiB measured
+for a 0.5B model: this leaves room for larger ones)."""
 SAFETY_FRACTION = 0.05
 SAFETY_MIN = 256 * MiB
 DEFAULT_CONTEXT = 4096
@@ -63,9 +67,12 @@ class _Scheme:
     """How one decoder layer's weights are stored, and which part can go to the host."""
 
     name: str | None  # None: the checkpoint's own dtype
-    layer_bytes: int  # per layer, offloadable
-    resident_per_layer: int  # per layer, stays on the GPU (bnb's quant state)
-    dequant_bytes: int  # temporary bf16 copy of the largest matrix in batched matmuls
+    layer_bytes: int  # per layer: what offload moves (and vLLM counts as offloaded)
+    gpu_extra_per_layer: int  # per layer kept on the GPU, beyond layer_bytes
+    resident_per_layer: int  # per layer, on the GPU even when offloaded (bnb's quant state)
+    load_scratch: int  # left cached by quantizing at load time
+    dequant_bytes: int  # one dequantized bf16 weight matrix, in batched matmuls
+    mlp_outputs: int  # bf16 intermediate-sized outputs per token in the MLP
 
 
 def _scheme(model: ModelFacts, quantize: bool) -> _Scheme:
@@ -75,22 +82,28 @@ def _scheme(model: ModelFacts, quantize: bool) -> _Scheme:
         per_param = PREQUANTIZED_BYTES_PER_PARAM.get(
             model.quant_method, (model.quant_bits or 8) / 8
         )
-        return _Scheme(model.quant_method, int(linear * per_param) + small, 0, 0)
+        return _Scheme(model.quant_method, int(linear * per_param) + small, 0, 0, 0, 0, 3)
     if quantize:
         # vLLM packs 4-bit weights into uint8 parameters (the part offload moves) and keeps
-        # bitsandbytes' double-quantized absmax on the GPU: ~1/64 byte per weight.
-        quant_state = linear // 64 + linear // (64 * 256) * 4
+        # bitsandbytes' double-quantized absmax on the GPU: ~1/64 byte per weight. A layer
+        # left on the GPU measured another 1/64 byte per weight (allocator rounding).
         return _Scheme(
-            "bitsandbytes", linear // 2 + small, quant_state, model.largest_linear_params * 2
+            "bitsandbytes",
+            layer_bytes=linear // 2 + small,
+            gpu_extra_per_layer=linear // 64,
+            resident_per_layer=linear // 64 + linear // (64 * 256) * 4,
+            load_scratch=5 * model.largest_linear_params,
+            dequant_bytes=2 * model.largest_linear_params,
+            mlp_outputs=5,  # gate_up (2), its bf16 copy out of the 4-bit matmul (2), act (1)
         )
-    return _Scheme(None, linear * 2 + small, 0, 0)
+    return _Scheme(None, linear * 2 + small, 0, 0, 0, 0, 3)
 
 
 def _activations(model: ModelFacts, tokens: int, seqs: int, scheme: _Scheme) -> int:
     inter = (
         model.expert_intermediate * 8 if model.experts else model.intermediate
     )  # routed tokens fan out to up to 8 experts
-    per_token = (3 * inter + 3 * model.hidden) * 2
+    per_token = (scheme.mlp_outputs * inter + 3 * model.hidden) * 2
     logits = seqs * model.vocab * 4 * 2
     return tokens * per_token + logits + scheme.dequant_bytes
 
@@ -125,23 +138,29 @@ def _layout(
     """Place the layers for one configuration: how many must go to the host, if any."""
     kv = _round_kv(context * seqs, model.kv_bytes_per_token())
     activations = int(_activations(model, batched_tokens, seqs, scheme) * margin)
-    context_bytes = int(CUDA_CONTEXT * margin)
+    context_bytes = int(FIXED_OVERHEAD * margin)
     graphs = 0 if eager else CUDA_GRAPHS
-    embeddings = (model.embedding_params + model.lm_head_params + model.hidden) * 2
-    resident = embeddings + model.layers * scheme.resident_per_layer
+    resident = _resident(model, scheme)
     room = usable - (context_bytes + activations + graphs + kv + resident)
     if room < 0:
         return None
-    on_gpu = min(model.layers, room // scheme.layer_bytes)
+    per_layer = scheme.layer_bytes + scheme.gpu_extra_per_layer
+    on_gpu = min(model.layers, room // per_layer)
     offloaded = model.layers - on_gpu
     estimate = VramEstimate(
         cuda_context=context_bytes,
-        weights=resident + on_gpu * scheme.layer_bytes,
+        weights=resident + on_gpu * per_layer,
         kv_cache=kv,
         activations=activations,
         cuda_graphs=graphs,
     )
     return _Layout(scheme, context, seqs, batched_tokens, eager, offloaded, estimate)
+
+
+def _resident(model: ModelFacts, scheme: _Scheme) -> int:
+    """Weights on the GPU whatever is offloaded: embeddings, lm_head, quant state, scratch."""
+    embeddings = (model.embedding_params + model.lm_head_params + model.hidden) * 2
+    return embeddings + model.layers * scheme.resident_per_layer + scheme.load_scratch
 
 
 def _served_name(model: str) -> str:
@@ -252,10 +271,8 @@ def _shrink(
 def _floor(model: ModelFacts, scheme: _Scheme, margin: float) -> int:
     """The smallest budget any plan could use for this model."""
     kv = _round_kv(MIN_CONTEXT, model.kv_bytes_per_token())
-    embeddings = (model.embedding_params + model.lm_head_params + model.hidden) * 2
-    resident = embeddings + model.layers * scheme.resident_per_layer
     act = int(_activations(model, BATCHED_TOKENS[-1], 1, scheme) * margin)
-    usable = int(CUDA_CONTEXT * margin) + act + kv + resident
+    usable = int(FIXED_OVERHEAD * margin) + act + kv + _resident(model, scheme)
     return max(usable + SAFETY_MIN, math.ceil(usable / (1 - SAFETY_FRACTION)))
 
 
