@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_more_vram_never_plans_less(name: str) -> None:
     instead, which can leave room for a layer or two: fewer offloaded layers, less KV.)
     """
     plans = [plan(name, vram) for vram in (8, 10, 12, 16, 20)]
-    for smaller, larger in zip(plans, plans[1:], strict=False):
+    for smaller, larger in itertools.pairwise(plans):
         assert larger.kv_cache_bytes >= smaller.kv_cache_bytes
         if larger.kv_cache_bytes == smaller.kv_cache_bytes:
             assert larger.offloaded_layers <= smaller.offloaded_layers
