@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app.keystore import KeyStore
+from app.keystore import KeyStore, hash_key
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, GatewayFactory
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -103,3 +106,28 @@ def test_keys_are_stored_as_hashes_and_never_logged(
     dump = "\n".join(sqlite3.connect(tmp_path / "gateway.sqlite3").iterdump())
     assert key not in dump and key[12:] not in dump
     store.close()
+
+
+def lowvram_keys(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", *args],
+        capture_output=True, text=True, timeout=60,
+        env=os.environ | {"GATEWAY_DB_PATH": str(db)},
+    )  # fmt: skip
+
+
+def test_cli_creates_lists_and_revokes_keys_showing_a_key_once(tmp_path: Path) -> None:
+    db = tmp_path / "keys.sqlite3"
+    created = lowvram_keys(db, "create", "team-a", "--rpm", "60", "--models", "default")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("lvk-") and "shown once" in created.stderr
+    listed = lowvram_keys(db, "list")
+    assert "team-a" in listed.stdout and key not in listed.stdout and key[:8] in listed.stdout
+    again = lowvram_keys(db, "create", "team-a")
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert KeyStore(db).lookup(hash_key(key)) is not None
+    assert lowvram_keys(db, "revoke", "team-a").returncode == 0
+    assert KeyStore(db).lookup(hash_key(key)) is None
+    assert "(revoked)" in lowvram_keys(db, "list").stdout
+    assert lowvram_keys(db, "revoke", "team-a").returncode == 1

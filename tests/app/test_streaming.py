@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -200,3 +201,22 @@ def test_an_engine_silent_mid_stream_is_cut_with_a_timeout_event(
     assert data[-1] == "[DONE]"
     record = fake[0].last()
     wait_for(lambda: record.aborted, 10, "the engine to see the gateway hang up")
+
+
+def test_an_engine_gone_before_the_request_gets_503(auth: dict[str, str], tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from app.main import create_app
+    from tests.conftest import UPSTREAM_KEY, gateway_settings
+    from tests.servers import serve, wait_ready
+
+    with ExitStack() as gateway_stack:
+        with ExitStack() as upstream_stack:
+            upstream = upstream_stack.enter_context(serve(FakeUpstream(api_key=UPSTREAM_KEY).app()))
+            settings = gateway_settings(upstream, tmp_path / "g.sqlite3")
+            gateway = gateway_stack.enter_context(serve(create_app(settings)))
+            wait_ready(gateway)
+        # The engine is gone; the gateway may not have noticed yet. Either way: 503.
+        response = stream(gateway, auth)
+        assert_openai_error(response, 503, "engine_unavailable")
+        assert int(response.headers["Retry-After"]) >= 1
