@@ -32,7 +32,6 @@ class ExternalEngine(StateMixin):
         self._poll_interval = poll_interval
         self._model: ServedModel | None = None
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
 
     @property
     def base_url(self) -> str:
@@ -45,10 +44,6 @@ class ExternalEngine(StateMixin):
     @property
     def model(self) -> ServedModel | None:
         return self._model
-
-    def recheck(self) -> None:
-        """Probe now instead of at the next interval (after a failed request)."""
-        self._wake.set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="external-engine-watch")
@@ -65,9 +60,7 @@ class ExternalEngine(StateMixin):
         async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
             while True:
                 await self._probe_once(client)
-                self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                await asyncio.sleep(self._poll_interval)
 
     async def _probe_once(self, client: httpx.AsyncClient) -> None:
         try:

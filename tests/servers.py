@@ -5,10 +5,17 @@ Port 0 lets the OS pick a free port; we read the bound port back, so tests never
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,10 +55,59 @@ def serve(app: Any, **config: Any) -> Iterator[str]:
 
 
 def wait_ready(base_url: str, timeout: float = 20) -> None:
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+    wait_for(lambda: is_ready(base_url), timeout, f"{base_url}/ready")
 
-    wait_for(ready, timeout, f"{base_url}/ready")
+
+def is_ready(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class ServeProcess:
+    """A running `lowvram serve`: its process, its URL, and the log it writes."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def lowvram_serve(
+    workdir: Path, env: dict[str, str], args: Sequence[str] = (), ready_timeout: float = 600
+) -> Iterator[ServeProcess]:
+    """Run `lowvram serve` on a free port until ready; SIGTERM it (then kill) on exit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = workdir / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", *args],
+            cwd=workdir,
+            env=os.environ | env | {"GATEWAY_PORT": str(port)},
+            stdout=log,
+            stderr=log,
+        )
+        served = ServeProcess(process, f"http://127.0.0.1:{port}", log_path)
+        try:
+            wait_for(
+                lambda: is_ready(served.url) or process.poll() is not None,
+                ready_timeout,
+                "lowvram serve to be ready",
+            )
+            assert process.poll() is None, served.output()[-4000:]
+            yield served
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(120)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(30)

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
-from tests.servers import wait_for
+from tests.servers import lowvram_serve, wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -41,36 +38,14 @@ QUESTION = "What is the capital of France? Answer in one word."
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("e2e")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = os.environ | {
-        "GATEWAY_PORT": str(port),
+    env = {
         "GATEWAY_API_KEYS": KEY,
         "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
         "ENGINE_BACKEND": "llamacpp",
         "ENGINE_MODELS_DIR": str(ROOT / "models"),
     }
-    log_path = tmp / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"], cwd=tmp, env=env, stdout=log, stderr=log
-        )
-        url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        try:
-            wait_for(lambda: ready() or process.poll() is not None, 600, "lowvram serve")
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            yield url, log_path
-        finally:
-            process.terminate()
-            process.wait(60)
+    with lowvram_serve(tmp, env) as served:
+        yield served.url, served.log
 
 
 @pytest.fixture

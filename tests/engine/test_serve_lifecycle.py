@@ -6,9 +6,7 @@ The engine is the test double of vLLM's server (ENGINE_COMMAND), planned for a w
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,23 +18,15 @@ import httpx
 import pytest
 
 from tests.engine.test_supervisor import _alive
-from tests.servers import wait_for
+from tests.servers import lowvram_serve, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "lifecycle-key-0001"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port = free_port()
-    env = os.environ | {
-        "GATEWAY_PORT": str(port),
+    env = {
         "GATEWAY_API_KEYS": KEY,
         "GATEWAY_DB_PATH": str(tmp_path / "gateway.sqlite3"),
         "GATEWAY_DRAIN_SECONDS": "20",
@@ -48,27 +38,8 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
         "ENGINE_VRAM": "16GiB",
         "FAKE_STATE_DIR": str(tmp_path),
     }
-    log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"], cwd=tmp_path, env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(url + "/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(lambda: ready() or process.poll() is not None, 60, "lowvram serve to be ready")
-        assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        yield process, url, tmp_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
-        log.close()
+    with lowvram_serve(tmp_path, env, ready_timeout=60) as process:
+        yield process.process, process.url, tmp_path
 
 
 def engine_pid(tmp_path: Path) -> int:

@@ -13,9 +13,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +23,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 
 from engine.facts import detect_gpus
-from tests.servers import wait_for
+from tests.servers import is_ready, lowvram_serve, wait_for
 
 MODEL = os.environ.get("LOWVRAM_GPU_TEST_MODEL", "/tmp/m05")
 KEY = "gpu-test-key-0001"
@@ -53,40 +50,14 @@ def _vllm_pids() -> list[int]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("gpu")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = os.environ | {
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_API_KEYS": KEY,
-        "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
-        "ENGINE_BACKEND": "vllm",
-    }
-    log_path = tmp / "serve.log"
+    env = {"GATEWAY_API_KEYS": KEY, "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
+           "ENGINE_BACKEND": "vllm"}  # fmt: skip
+    args = ["--model", MODEL, "--vram", "3GiB", "--context", "2048", "--concurrency", "4"]
     started = time.monotonic()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--model", MODEL, "--vram", "3GiB",
-             "--context", "2048", "--concurrency", "4"],
-            cwd=tmp, env=env, stdout=log, stderr=log,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_for(lambda: _ready(url) or process.poll() is not None, 600, "vLLM behind lowvram")
-            assert process.poll() is None, log_path.read_text(errors="replace")[-4000:]
-            print(f"lowvram serve ready in {time.monotonic() - started:.0f} s")
-            yield url, log_path
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(120)
+    with lowvram_serve(tmp, env, args) as process:
+        print(f"lowvram serve ready in {time.monotonic() - started:.0f} s")
+        yield process.url, process.log
     assert not _vllm_pids(), "an engine process outlived lowvram serve"
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
@@ -165,8 +136,8 @@ def test_engine_killed_mid_stream_gives_an_sse_error_and_comes_back(
                     os.killpg(pid, signal.SIGKILL)
     error = json.loads(received[-2][6:])["error"]
     assert received[-1] == "data: [DONE]" and error["type"] == "server_error"
-    wait_for(lambda: not _ready(url), 30, "/ready to notice the engine is gone")
-    wait_for(lambda: _ready(url), 600, "the supervisor to bring vLLM back")
+    wait_for(lambda: not is_ready(url), 30, "/ready to notice the engine is gone")
+    wait_for(lambda: is_ready(url), 600, "the supervisor to bring vLLM back")
     completion = client.chat.completions.create(
         model="default", messages=HELLO, max_tokens=8, extra_body=FIXED
     )
