@@ -108,11 +108,11 @@ async def stream_once(
 
 
 async def measure(result: Result, gateway: str, engine: str, engine_key: str, model: str,
-                  tokens: int, streams: int) -> None:  # fmt: skip
+                  tokens: int, streams: int, samples: int) -> None:  # fmt: skip
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_once(client, gateway, KEY, "default", 4)  # warm-up
         ttft = {"direct": [], "gateway": []}  # type: dict[str, list[float]]
-        for _ in range(10):
+        for _ in range(samples):
             ttft["direct"].append((await stream_once(client, engine, engine_key, model, 1))[0])
             ttft["gateway"].append((await stream_once(client, gateway, KEY, "default", 1))[0])
         result.direct_ttft_ms = statistics.median(ttft["direct"]) * 1000
@@ -173,7 +173,8 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
         if plan.cpu_offload_bytes:
             result.roofline_steps_s = bandwidth / plan.cpu_offload_bytes
         asyncio.run(measure(result, gateway, supervisor.base_url, supervisor.api_key or "",
-                            plan.served_name, args.tokens, args.concurrency))  # fmt: skip
+                            plan.served_name, args.tokens, args.concurrency,
+                            args.ttft_samples))  # fmt: skip
         if result.roofline_steps_s and result.one_stream_tok_s:
             result.roofline_ratio = result.one_stream_tok_s / result.roofline_steps_s
     return result
@@ -234,6 +235,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--ttft-samples",
+        type=int,
+        default=10,
+        help="interleaved 1-token requests per path for the gateway's added TTFT",
+    )
     parser.add_argument("--out", default="gpu_plans.jsonl")
     parser.add_argument("--work", default="/tmp")
     args = parser.parse_args()
