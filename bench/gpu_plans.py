@@ -69,6 +69,7 @@ class Result:
     many_streams_tok_s: float | None = None
     gateway_ttft_added_ms: float | None = None
     direct_ttft_ms: float | None = None
+    ttft_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     offloaded_gib: float = 0.0
     roofline_steps_s: float | None = None
     roofline_ratio: float | None = None
@@ -115,6 +116,7 @@ async def measure(result: Result, gateway: str, engine: str, engine_key: str, mo
         for _ in range(samples):
             ttft["direct"].append((await stream_once(client, engine, engine_key, model, 1))[0])
             ttft["gateway"].append((await stream_once(client, gateway, KEY, "default", 1))[0])
+        result.ttft_samples_ms = {k: [round(v * 1000, 3) for v in vs] for k, vs in ttft.items()}
         result.direct_ttft_ms = statistics.median(ttft["direct"]) * 1000
         result.gateway_ttft_added_ms = (
             statistics.median(ttft["gateway"]) - statistics.median(ttft["direct"])
