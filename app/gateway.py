@@ -219,13 +219,7 @@ class Gateway:
         upstream = await self._open(exchange, path, body, prepare)
         if upstream.status_code != 200:
             return await self._engine_refused(upstream, exchange)
-        try:
-            raw = await upstream.aread()
-        except httpx.HTTPError as exc:
-            raise map_transport_error(exc) from exc
-        finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+        raw = await _read_all(upstream)
         try:
             exchange.record_usage(json.loads(raw).get("usage"))
         except (ValueError, AttributeError):
@@ -242,15 +236,20 @@ class Gateway:
         return await self.counter.count_text(self.engine, prompt)
 
     async def _engine_refused(self, upstream: httpx.Response, exchange: Exchange) -> Response:
-        try:
-            raw = await upstream.aread()
-        except httpx.HTTPError as exc:
-            raise map_transport_error(exc) from exc
-        finally:
-            await upstream.aclose()
-        status, body = engine_error(upstream.status_code, raw)
+        status, body = engine_error(upstream.status_code, await _read_all(upstream))
         exchange.finish(status)
         return JSONResponse(body, status_code=status)
+
+
+async def _read_all(upstream: httpx.Response) -> bytes:
+    """The engine's whole body; the response is closed however the read ends."""
+    try:
+        return await upstream.aread()
+    except httpx.HTTPError as exc:
+        raise map_transport_error(exc) from exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
 
 
 async def unless_disconnected(request: Request, work: Callable[[], Coroutine[Any, Any, T]]) -> T:

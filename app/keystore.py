@@ -170,14 +170,6 @@ class KeyStore:
             KeyListing(_record(row[:5]), row[5], row[6], row[7], row[8], row[9]) for row in rows
         ]
 
-    def usage(self, limit: int = 100) -> list[UsageRecord]:
-        rows = self._conn.execute(
-            "SELECT request_id, key_name, model, endpoint, prompt_tokens, completion_tokens,"
-            " status, latency_ms, ts FROM usage ORDER BY id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [UsageRecord(*row) for row in rows]
-
 
 def _record(row: tuple[object, ...]) -> KeyRecord:
     name, models, rpm, tpm, concurrency = row

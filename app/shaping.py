@@ -7,7 +7,6 @@ not know reach the engine untouched.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -27,17 +26,6 @@ _HINTS = {
     "prompt": "expected a string, a list of strings, or token ids",
     "input": "expected a string, a list of strings, or token ids",
 }
-
-
-@dataclass
-class Shaped:
-    """A request ready for the engine, with what the gateway must remember about it."""
-
-    body: dict[str, Any]
-    model: str
-    stream: bool
-    client_wants_usage: bool
-    prompt_tokens: int | None = None
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

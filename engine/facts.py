@@ -12,11 +12,10 @@ import os
 import shutil
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 _SAFETENSORS_DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -209,8 +208,6 @@ def load_model_facts(model: str) -> ModelFacts:
 
 
 def _with_bytes(facts: ModelFacts, checkpoint_bytes: int | None) -> ModelFacts:
-    from dataclasses import replace
-
     return replace(facts, checkpoint_bytes=checkpoint_bytes)
 
 
