@@ -35,7 +35,7 @@ lint: $(VENV)/.installed-cpu,dev
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed-cpu,dev
-	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python -m bench.gateway_overhead
 
 # Print a new API key once: make key NAME=my-app
 key: $(VENV)/.installed-$(ENGINE_EXTRA)

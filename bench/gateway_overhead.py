@@ -1,6 +1,6 @@
 """What the gateway adds: the fake upstream straight, and through the gateway, in one run.
 
-    .venv/bin/python bench/gateway_overhead.py [--requests 400] [--streams 32] [--rounds 3]
+    .venv/bin/python -m bench.gateway_overhead [--requests 400] [--streams 32] [--rounds 3]
 
 Starts the fake upstream (tests/doubles, a test double that streams pre-built chunks on a
 fixed schedule, as an engine emits tokens), one `lowvram serve --upstream` process per
@@ -240,7 +240,7 @@ async def main() -> None:
                     [
                         python,
                         "-m",
-                        "app.cli",
+                        "lowvram",
                         "serve",
                         "--upstream",
                         direct_url,

@@ -1,7 +1,7 @@
 """Plan accuracy and speed on a real GPU: for each budget, plan, start vLLM behind the gateway,
 measure, stop.
 
-    python bench/gpu_plans.py MODEL_DIR --vram 5 8 16 [--context 2048 --concurrency 8]
+    python -m bench.gpu_plans MODEL_DIR --vram 5 8 16 [--context 2048 --concurrency 8]
                               [--out results.jsonl] [--tokens 128]
 
 Per budget it records: the plan's estimate and the VRAM nvidia-smi shows once ready (the
@@ -29,17 +29,17 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.main import create_app
-from app.settings import Settings
-from engine.backends.vllm import VllmBackend
-from engine.facts import detect_gpus, detect_host, gpu_memory_used, load_model_facts
-from engine.handle import EngineState
-from engine.planner import PlanError, PlanRequest
-from engine.supervisor import Supervisor, SupervisorConfig
-from engine.units import GiB
-from tests.servers import serve
+from lowvram.engine.errors import PlanError
+from lowvram.engine.handle import EngineState
+from lowvram.engine.hardware import detect_gpus, detect_hardware, gpu_memory_used
+from lowvram.engine.settings import EngineSettings
+from lowvram.engine.supervisor import Supervisor
+from lowvram.engine.units import GiB
+from lowvram.engine.vllm.backend import VllmBackend
+from lowvram.engine.vllm.model import load_model_facts
+from lowvram.gateway.app import create_app
+from lowvram.gateway.settings import GatewaySettings
+from tests.helpers import serve
 
 KEY = "bench-gpu-key-0001"
 
@@ -87,14 +87,20 @@ async def stream_once(
     client: httpx.AsyncClient, url: str, key: str, model: str, tokens: int
 ) -> tuple[float, float, int]:
     """(time to first token, decode seconds after it, completion tokens) of one stream."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = last = 0.0
     completion = 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body,
-                             headers={"Authorization": f"Bearer {key}"}) as response:  # fmt: skip
+    async with client.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
@@ -108,8 +114,16 @@ async def stream_once(
     return first - started, last - first, completion
 
 
-async def measure(result: Result, gateway: str, engine: str, engine_key: str, model: str,
-                  tokens: int, streams: int, samples: int) -> None:  # fmt: skip
+async def measure(
+    result: Result,
+    gateway: str,
+    engine: str,
+    engine_key: str,
+    model: str,
+    tokens: int,
+    streams: int,
+    samples: int,
+) -> None:
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_once(client, gateway, KEY, "default", 4)  # warm-up
         ttft = {"direct": [], "gateway": []}  # type: dict[str, list[float]]
@@ -133,21 +147,29 @@ async def measure(result: Result, gateway: str, engine: str, engine_key: str, mo
 def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth: float) -> Result:
     facts = load_model_facts(model_dir)
     result = Result(model=Path(model_dir).name, budget_gib=vram_gib)
-    request = PlanRequest(
-        vram=int(vram_gib * GiB), context=args.context, concurrency=args.concurrency
+    engine_settings = EngineSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        vram=int(vram_gib * GiB),
+        context=args.context,
+        concurrency=args.concurrency,
+        ready_timeout=900,
+        max_restarts=0,
+        log_file=Path(args.work) / "engine.log",
     )
     try:
-        backend = VllmBackend(facts, detect_gpus()[0], detect_host(), request)
+        backend = VllmBackend(facts, detect_hardware(engine_settings), engine_settings)
     except PlanError as exc:
         result.error = f"refused: {exc}"
         return result
     first_plan = backend.plan
-    supervisor = Supervisor(backend, SupervisorConfig(ready_timeout=900, max_restarts=0))
-    settings = Settings(
-        _env_file=None, gateway_api_keys=[KEY], gateway_db_path=Path(args.work) / "bench.sqlite3"
-    )  # type: ignore[call-arg]
+    supervisor = Supervisor(backend, engine_settings)
+    settings = GatewaySettings(
+        _env_file=None,  # type: ignore[call-arg]
+        api_keys=[KEY],
+        db_path=Path(args.work) / "bench.sqlite3",
+    )
     started = time.monotonic()
-    with serve(create_app(settings, engine=supervisor)) as gateway:
+    with serve(create_app(settings, supervisor)) as gateway:
         while (
             supervisor.state not in (EngineState.READY, EngineState.FAILED)
             and time.monotonic() - started < 960
@@ -156,12 +178,19 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
         result.startup_s = time.monotonic() - started
         plan = backend.plan
         result.plan = plan.model_dump(
-            include={"quantization", "offloaded_layers", "max_model_len", "max_num_seqs",
-                     "max_num_batched_tokens", "enforce_eager", "rung"}
+            include={
+                "quantization",
+                "offloaded_layers",
+                "max_model_len",
+                "max_num_seqs",
+                "max_num_batched_tokens",
+                "enforce_eager",
+                "rung",
+            }
         ) | {
             "kv_cache_tokens": plan.kv_cache_tokens,
             "estimate": {k: round(v / GiB, 3) for k, v in plan.estimate.model_dump().items()},
-        }  # fmt: skip
+        }
         result.estimate_gib = plan.estimate.total / GiB
         result.rungs = [a for a in supervisor.attempts if not a.startswith("start on port")]
         result.first_try = plan.rung == 0 and not result.rungs and plan == first_plan
@@ -174,9 +203,18 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
         result.offloaded_gib = plan.cpu_offload_bytes / GiB
         if plan.cpu_offload_bytes:
             result.roofline_steps_s = bandwidth / plan.cpu_offload_bytes
-        asyncio.run(measure(result, gateway, supervisor.base_url, supervisor.api_key or "",
-                            plan.served_name, args.tokens, args.concurrency,
-                            args.ttft_samples))  # fmt: skip
+        asyncio.run(
+            measure(
+                result,
+                gateway,
+                supervisor.base_url,
+                supervisor.api_key or "",
+                plan.served_name,
+                args.tokens,
+                args.concurrency,
+                args.ttft_samples,
+            )
+        )
         if result.roofline_steps_s and result.one_stream_tok_s:
             result.roofline_ratio = result.one_stream_tok_s / result.roofline_steps_s
     return result
@@ -193,8 +231,20 @@ def wait_gpu_released(timeout: float = 180.0) -> None:
     print(f"warning: {((gpu_memory_used() or 0) / GiB):.2f} GiB still in use", flush=True)
 
 
-COLUMNS = ["model", "budget", "plan", "est. VRAM", "measured", "est/meas", "first try",
-           "start", "1 stream", "N streams", "offload roofline", "gateway +TTFT"]  # fmt: skip
+COLUMNS = [
+    "model",
+    "budget",
+    "plan",
+    "est. VRAM",
+    "measured",
+    "est/meas",
+    "first try",
+    "start",
+    "1 stream",
+    "N streams",
+    "offload roofline",
+    "gateway +TTFT",
+]
 
 
 def row(r: Result) -> list[str]:

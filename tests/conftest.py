@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from app.main import create_app
-from app.settings import Settings
+from lowvram.engine.external import ExternalEngine
+from lowvram.gateway.app import create_app
+from lowvram.gateway.settings import GatewaySettings
 from tests.doubles.fake_upstream import FakeUpstream
-from tests.servers import serve, wait_ready
+from tests.helpers import serve, wait_ready
 
 CLIENT_KEY = "test-client-key-0001"
 ADMIN_KEY = "test-admin-key-0001"
@@ -31,16 +32,19 @@ def fake() -> Iterator[tuple[FakeUpstream, str]]:
         yield double, url
 
 
-def gateway_settings(upstream_url: str, db_path: Path, **overrides: Any) -> Settings:
+def gateway_settings(db_path: Path, **overrides: Any) -> GatewaySettings:
+    """Settings for a test gateway: nothing read from the environment or `.env`."""
     values: dict[str, Any] = {
-        "gateway_upstream_url": upstream_url,
-        "gateway_upstream_api_key": UPSTREAM_KEY,
-        "gateway_api_keys": [CLIENT_KEY],
-        "gateway_admin_api_keys": [ADMIN_KEY],
-        "gateway_db_path": db_path,
-        "gateway_keepalive_seconds": 0,
+        "api_keys": [CLIENT_KEY],
+        "admin_api_keys": [ADMIN_KEY],
+        "db_path": db_path,
+        "keepalive_seconds": 0,
     }
-    return Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    return GatewaySettings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+
+
+def external(url: str, settings: GatewaySettings) -> ExternalEngine:
+    return ExternalEngine(url, UPSTREAM_KEY, context_length=settings.context_length)
 
 
 GatewayFactory = Callable[..., str]
@@ -53,8 +57,9 @@ def make_gateway(fake: tuple[FakeUpstream, str], tmp_path: Path) -> Iterator[Gat
     with ExitStack() as stack:
 
         def start(**overrides: Any) -> str:
-            settings = gateway_settings(upstream_url, tmp_path / "gateway.sqlite3", **overrides)
-            url = stack.enter_context(serve(create_app(settings)))
+            settings = gateway_settings(tmp_path / "gateway.sqlite3", **overrides)
+            app = create_app(settings, external(upstream_url, settings))
+            url = stack.enter_context(serve(app))
             wait_ready(url)
             return url
 

@@ -1,6 +1,7 @@
 """A TEST DOUBLE of an engine process, for the supervisor's tests (never an engine test).
 
-Run like vLLM's server: `python fake_engine.py --model M --port P [vLLM flags...]`, with the
+Run like vLLM's server: `python -m tests.doubles.fake_engine --model M --port P [vLLM flags...]`
+from the repository root (or with it on PYTHONPATH), with the
 key in VLLM_API_KEY. It serves the fake upstream's OpenAI API, and behaves on cue through
 environment variables (FAKE_STATE_DIR holds a counter, so a cue can apply to a given start):
 
@@ -29,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.doubles.fake_upstream import FakeUpstream
 
 FAILURE_LINES = {

@@ -19,7 +19,7 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
-from tests.servers import lowvram_serve, wait_for
+from tests.helpers import lowvram_serve, wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -30,7 +30,6 @@ pytestmark = [
     ),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "e2e-client-key-0001"
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -42,10 +41,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         "GATEWAY_API_KEYS": KEY,
         "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
         "ENGINE_BACKEND": "llamacpp",
-        "ENGINE_MODELS_DIR": str(ROOT / "models"),
     }
     with lowvram_serve(tmp, env) as served:
-        yield served.url, served.log
+        yield served.url, served.engine_log
 
 
 @pytest.fixture
@@ -71,9 +69,13 @@ def test_openai_sdk_answers_paris(client: openai.OpenAI) -> None:
 
 def test_openai_sdk_streams_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="default", messages=ask(), max_tokens=16, temperature=0, stream=True,
+        model="default",
+        messages=ask(),
+        max_tokens=16,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
@@ -103,8 +105,14 @@ async def test_openai_async_sdk(gateway: tuple[str, Path]) -> None:
 
 
 def test_langchain_invoke_and_stream(gateway: tuple[str, Path]) -> None:
-    llm = ChatOpenAI(base_url=gateway[0] + "/v1", api_key=KEY, model="default",
-                     temperature=0, max_tokens=16, max_retries=0)  # fmt: skip
+    llm = ChatOpenAI(
+        base_url=gateway[0] + "/v1",
+        api_key=KEY,
+        model="default",
+        temperature=0,
+        max_tokens=16,
+        max_retries=0,
+    )
     assert "Paris" in str(llm.invoke(QUESTION).content)
     assert "Paris" in "".join(str(chunk.content) for chunk in llm.stream(QUESTION))
 
@@ -112,11 +120,24 @@ def test_langchain_invoke_and_stream(gateway: tuple[str, Path]) -> None:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_with_a_wrong_key_gets_401(gateway: tuple[str, Path]) -> None:
     result = subprocess.run(
-        ["curl", "-s", "-w", "\n%{http_code}", gateway[0] + "/v1/chat/completions",
-         "-H", "Authorization: Bearer not-the-key", "-H", "content-type: application/json",
-         "-d", json.dumps({"model": "default", "messages": ask()})],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
+        [
+            "curl",
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            gateway[0] + "/v1/chat/completions",
+            "-H",
+            "Authorization: Bearer not-the-key",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps({"model": "default", "messages": ask()}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "401"
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
@@ -127,8 +148,13 @@ def test_client_disconnect_mid_stream_stops_generation_on_the_engine(
 ) -> None:
     url, log_path = gateway
     before = log_path.read_text(errors="replace").count("Disconnected from client")
-    body = {"model": "default", "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
-            "max_tokens": 500, "min_tokens": 500, "stream": True}  # fmt: skip
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
+        "max_tokens": 500,
+        "min_tokens": 500,
+        "stream": True,
+    }
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream(
         "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=60

@@ -11,32 +11,24 @@ from typing import Any
 import httpx
 import pytest
 
-from app.main import create_app
-from app.settings import Settings
-from engine.handle import EngineState
-from engine.supervisor import Supervisor, SupervisorConfig
-from tests.conftest import ADMIN_KEY, CLIENT_KEY
-from tests.engine.test_supervisor import backend
-from tests.servers import serve, wait_for
+from lowvram.engine.handle import EngineState
+from lowvram.engine.supervisor import Supervisor, Timing
+from lowvram.gateway.app import create_app
+from tests.conftest import ADMIN_KEY, CLIENT_KEY, gateway_settings
+from tests.helpers import fake_vllm, serve, wait_for
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
-CONFIG = SupervisorConfig(ready_timeout=30, backoff_base=0.5, stop_grace=2, poll_interval=0.1)
+TIMING = Timing(backoff_base=0.5, stop_grace=2, poll_interval=0.1)
 
 
 @pytest.fixture
 def managed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Supervisor]]:
     monkeypatch.setenv("FAKE_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("FAKE_START_DELAY", "1")
-    supervisor = Supervisor(backend(), CONFIG)
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        gateway_api_keys=[CLIENT_KEY],
-        gateway_admin_api_keys=[ADMIN_KEY],
-        gateway_db_path=tmp_path / "gateway.sqlite3",
-        gateway_max_inflight=1,
-        gateway_keepalive_seconds=0,
-    )
-    with serve(create_app(settings, engine=supervisor)) as url:
+    engine = fake_vllm(tmp_path)
+    supervisor = Supervisor(engine, engine.settings, TIMING)
+    settings = gateway_settings(tmp_path / "gateway.sqlite3", max_inflight=1)
+    with serve(create_app(settings, supervisor)) as url:
         yield url, supervisor
 
 
@@ -64,8 +56,12 @@ def test_an_engine_crash_mid_stream_reaches_the_client_and_the_engine_comes_back
     url, supervisor = managed
     wait_for(lambda: supervisor.state is EngineState.READY, 30, "the engine")
     engine_url, first_pid = supervisor.base_url, supervisor.pid
-    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-            "fake": {"tokens": 100, "delay": 0.1}}  # fmt: skip
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake": {"tokens": 100, "delay": 0.1},
+    }
     queued: list[httpx.Response] = []
     with httpx.stream(
         "POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=30

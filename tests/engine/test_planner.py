@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.facts import GpuFacts, HostFacts, ModelFacts, load_model_facts
-from engine.plan import EnginePlan
-from engine.planner import PlanError, PlanRequest, plan_vllm
-from engine.units import GiB
+from lowvram.engine.errors import PlanError
+from lowvram.engine.hardware import GpuFacts, HostFacts
+from lowvram.engine.units import GiB
+from lowvram.engine.vllm.model import ModelFacts, load_model_facts
+from lowvram.engine.vllm.plan import EnginePlan
+from lowvram.engine.vllm.planner import plan_vllm
+from tests.helpers import asked
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CARD_24 = GpuFacts("24 GB card", 24 * GiB, 24 * GiB, (8, 9))
@@ -35,7 +38,7 @@ def facts(name: str) -> ModelFacts:
 
 
 def plan(name: str, vram_gib: float, gpu: GpuFacts = CARD_24, **kw: int) -> EnginePlan:
-    return plan_vllm(facts(name), gpu, HOST_64, PlanRequest(vram=int(vram_gib * GiB), **kw))
+    return plan_vllm(facts(name), gpu, HOST_64, asked(vram=int(vram_gib * GiB), **kw))
 
 
 @pytest.mark.parametrize(
@@ -125,8 +128,12 @@ def test_pre_quantized_checkpoints_keep_their_method() -> None:
 
 def test_offload_needs_host_ram() -> None:
     with pytest.raises(PlanError, match="host RAM"):
-        plan_vllm(facts("qwen2.5-32b-instruct"), CARD_24, HostFacts(16 * GiB, 8 * GiB),
-                  PlanRequest(vram=8 * GiB))  # fmt: skip
+        plan_vllm(
+            facts("qwen2.5-32b-instruct"),
+            CARD_24,
+            HostFacts(16 * GiB, 8 * GiB),
+            asked(vram=8 * GiB),
+        )
 
 
 def test_asked_context_and_concurrency_shape_the_kv_cache() -> None:
@@ -142,7 +149,7 @@ def test_context_is_capped_by_the_model() -> None:
 
 def test_a_higher_rung_is_more_cautious() -> None:
     model = facts("qwen2.5-14b-instruct")
-    request = PlanRequest(vram=10 * GiB)
+    request = asked(vram=10 * GiB)
     first, second = (plan_vllm(model, CARD_24, HOST_64, request, rung=r) for r in (0, 1))
     assert second.rung == 1 and second.enforce_eager
     assert (second.offloaded_layers, -second.max_num_batched_tokens) > (
@@ -153,7 +160,7 @@ def test_a_higher_rung_is_more_cautious() -> None:
 
 def test_old_gpus_get_float16() -> None:
     turing = GpuFacts("T4", 16 * GiB, 16 * GiB, (7, 5))
-    p = plan_vllm(facts("qwen2.5-7b-instruct"), turing, HOST_64, PlanRequest(vram=12 * GiB))
+    p = plan_vllm(facts("qwen2.5-7b-instruct"), turing, HOST_64, asked(vram=12 * GiB))
     assert p.dtype == "float16"
 
 
@@ -164,28 +171,55 @@ def test_a_budget_beyond_the_card_is_refused() -> None:
 
 def test_explain_shows_the_table_and_the_reasons() -> None:
     text = plan("qwen2.5-7b-instruct", 5).explain()
-    for needle in ("weights on the GPU", "KV cache", "activations", "total (estimate)",
-                   "offloaded to host", "why:", "--kv-cache-memory-bytes"):  # fmt: skip
+    for needle in (
+        "weights on the GPU",
+        "KV cache",
+        "activations",
+        "total (estimate)",
+        "offloaded to host",
+        "why:",
+        "--kv-cache-memory-bytes",
+    ):
         assert needle in text
 
 
 def lowvram(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "lowvram", *args], capture_output=True, text=True, timeout=60
     )
 
 
 def test_cli_plans_from_a_directory_with_only_config_json() -> None:
-    result = lowvram("plan", str(FIXTURES / "qwen2.5-14b-instruct"), "--vram", "8GiB",
-                     "--gpu-memory", "24GiB", "--host-memory", "64GiB")  # fmt: skip
+    result = lowvram(
+        "plan",
+        str(FIXTURES / "qwen2.5-14b-instruct"),
+        "--vram",
+        "8GiB",
+        "--gpu-memory",
+        "24GiB",
+        "--host-memory",
+        "64GiB",
+    )
     assert result.returncode == 0, result.stderr
     assert "offloaded to host" in result.stdout and "bitsandbytes" in result.stdout
 
 
 def test_cli_json_is_machine_readable() -> None:
-    result = lowvram("plan", str(FIXTURES / "qwen2.5-7b-instruct"), "--vram", "6GiB",
-                     "--gpu-memory", "24GiB", "--host-memory", "64GiB", "--json",
-                     "--context", "2048", "--concurrency", "2")  # fmt: skip
+    result = lowvram(
+        "plan",
+        str(FIXTURES / "qwen2.5-7b-instruct"),
+        "--vram",
+        "6GiB",
+        "--gpu-memory",
+        "24GiB",
+        "--host-memory",
+        "64GiB",
+        "--json",
+        "--context",
+        "2048",
+        "--concurrency",
+        "2",
+    )
     data = json.loads(result.stdout)
     assert data["max_model_len"] == 2048 and data["max_num_seqs"] == 2
     assert data["estimate"]["kv_cache"] == data["kv_cache_bytes"]
@@ -193,8 +227,16 @@ def test_cli_json_is_machine_readable() -> None:
 
 
 def test_cli_refusal_is_a_clear_error_not_a_traceback() -> None:
-    result = lowvram("plan", str(FIXTURES / "deepseek-r1-distill-llama-70b"), "--vram", "3GiB",
-                     "--gpu-memory", "24GiB", "--host-memory", "64GiB")  # fmt: skip
+    result = lowvram(
+        "plan",
+        str(FIXTURES / "deepseek-r1-distill-llama-70b"),
+        "--vram",
+        "3GiB",
+        "--gpu-memory",
+        "24GiB",
+        "--host-memory",
+        "64GiB",
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "floor" in result.stderr
     assert "Traceback" not in result.stderr

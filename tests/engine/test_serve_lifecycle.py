@@ -5,10 +5,8 @@ The engine is the test double of vLLM's server (ENGINE_COMMAND), planned for a w
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.engine.test_supervisor import _alive
-from tests.servers import lowvram_serve, wait_for
+from tests.helpers import FAKE_ENGINE, FIXTURES, alive, lowvram_serve, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "lifecycle-key-0001"
 
 
@@ -28,11 +24,10 @@ KEY = "lifecycle-key-0001"
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     env = {
         "GATEWAY_API_KEYS": KEY,
-        "GATEWAY_DB_PATH": str(tmp_path / "gateway.sqlite3"),
         "GATEWAY_DRAIN_SECONDS": "20",
         "ENGINE_BACKEND": "vllm",
-        "ENGINE_COMMAND": f"{sys.executable} {ROOT / 'tests' / 'doubles' / 'fake_engine.py'}",
-        "ENGINE_MODEL": str(ROOT / "tests" / "engine" / "fixtures" / "qwen2.5-7b-instruct"),
+        "ENGINE_COMMAND": " ".join(FAKE_ENGINE),
+        "ENGINE_MODEL": str(FIXTURES / "qwen2.5-7b-instruct"),
         "ENGINE_GPU_MEMORY": "24GiB",
         "ENGINE_HOST_MEMORY": "64GiB",
         "ENGINE_VRAM": "16GiB",
@@ -42,10 +37,25 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
         yield process.process, process.url, tmp_path
 
 
+def test_the_banner_comes_once_the_engine_is_ready_and_its_output_is_in_a_file(
+    served: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    _, url, tmp_path = served
+    wait_for(lambda: "Stop with Ctrl-C" in (tmp_path / "serve.log").read_text(), 10, "banner")
+    output = (tmp_path / "serve.log").read_text()
+    banner = output.index("lowvram is ready: " + url + "/v1")
+    assert output.index("vLLM ready:") < banner  # the engine's summary, then the banner
+    assert output.count("lowvram is ready") == 1
+    assert "No API key yet" not in output  # GATEWAY_API_KEYS is set
+    # The engine's own lines are in its log file, not in the gateway's output.
+    assert "fake engine start" in (tmp_path / "engine.log").read_text()
+    assert "fake engine start" not in output
+
+
 def engine_pid(tmp_path: Path) -> int:
-    log = (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "engine.log").read_text()
     line = next(line for line in log.splitlines() if "fake engine start" in line)
-    return int(json.loads(line)["msg"].rsplit("pid ", 1)[1])
+    return int(line.rsplit("pid ", 1)[1])
 
 
 def test_sigterm_drains_in_flight_streams_then_stops_the_engine(
@@ -53,8 +63,12 @@ def test_sigterm_drains_in_flight_streams_then_stops_the_engine(
 ) -> None:
     process, url, tmp_path = served
     engine = engine_pid(tmp_path)
-    body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
-                            "stream": True, "fake": {"tokens": 20, "delay": 0.1}}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake": {"tokens": 20, "delay": 0.1},
+    }
     received: list[str] = []
 
     def consume() -> None:
@@ -71,7 +85,7 @@ def test_sigterm_drains_in_flight_streams_then_stops_the_engine(
     assert received[-1] == "data: [DONE]" and len(received) == 21  # 20 tokens, nothing cut
     # uvicorn re-raises the signal it handled once it has shut down cleanly.
     assert process.wait(30) in (0, -signal.SIGTERM)
-    wait_for(lambda: not _alive(engine), 10, "the engine to be gone")
+    wait_for(lambda: not alive(engine), 10, "the engine to be gone")
 
 
 def test_a_killed_gateway_takes_its_engine_with_it(
@@ -81,4 +95,4 @@ def test_a_killed_gateway_takes_its_engine_with_it(
     engine = engine_pid(tmp_path)
     process.send_signal(signal.SIGKILL)
     process.wait(10)
-    wait_for(lambda: not _alive(engine), 10, "the engine to follow its parent")
+    wait_for(lambda: not alive(engine), 10, "the engine to follow its parent")

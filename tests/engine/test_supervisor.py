@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.backends.vllm import VllmBackend
-from engine.facts import GpuFacts, HostFacts, load_model_facts
-from engine.handle import EngineState
-from engine.planner import PlanRequest
-from engine.supervisor import Supervisor, SupervisorConfig
-from engine.units import GiB
+from lowvram.engine.handle import EngineState
+from lowvram.engine.supervisor import Supervisor, Timing
+from lowvram.engine.units import GiB
+from lowvram.engine.vllm.backend import VllmBackend
+from tests.helpers import FAST, alive, fake_vllm
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[2]
-FAKE_ENGINE = [sys.executable, str(ROOT / "tests" / "doubles" / "fake_engine.py")]
-FIXTURES = Path(__file__).parent / "fixtures"
-GPU = GpuFacts("test GPU", 24 * GiB, 24 * GiB, (8, 9))
-HOST = HostFacts(64 * GiB, 64 * GiB)
-FAST = SupervisorConfig(ready_timeout=30, backoff_base=0.1, stop_grace=2, poll_interval=0.1)
-
-
-def backend(vram_gib: float = 16) -> VllmBackend:
-    model = load_model_facts(str(FIXTURES / "qwen2.5-7b-instruct"))
-    return VllmBackend(
-        model, GPU, HOST, PlanRequest(vram=int(vram_gib * GiB)), command=FAKE_ENGINE,
-        measure_vram=lambda: None,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -52,19 +35,22 @@ async def supervised() -> AsyncIterator[list[Supervisor]]:
 
 
 async def start(
-    made: list[Supervisor], engine_backend: VllmBackend, config: SupervisorConfig = FAST
+    made: list[Supervisor], engine_backend: VllmBackend, timing: Timing = FAST
 ) -> Supervisor:
-    supervisor = Supervisor(engine_backend, config)
+    supervisor = Supervisor(engine_backend, engine_backend.settings, timing)
     made.append(supervisor)
     await supervisor.start()
     return supervisor
 
 
 async def test_slow_start_is_starting_then_ready(
-    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
 ) -> None:
     monkeypatch.setenv("FAKE_START_DELAY", "1.5")
-    supervisor = await start(supervised, backend())
+    supervisor = await start(supervised, fake_vllm(tmp_path))
     assert supervisor.state is EngineState.STARTING and supervisor.model is None
     assert (
         await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
@@ -83,10 +69,13 @@ async def test_slow_start_is_starting_then_ready(
 
 
 async def test_known_memory_failure_is_re_planned_one_rung_down(
-    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
 ) -> None:
     monkeypatch.setenv("FAKE_FAIL_STARTS", "oom:1")
-    engine = backend(vram_gib=6)
+    engine = fake_vllm(tmp_path, vram_gib=6)
     before = engine.plan
     supervisor = await start(supervised, engine)
     assert (
@@ -101,21 +90,27 @@ async def test_known_memory_failure_is_re_planned_one_rung_down(
 
 
 async def test_unknown_failure_fails_at_once_saying_what_it_saw(
-    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
 ) -> None:
     monkeypatch.setenv("FAKE_FAIL_STARTS", "weird:9")
-    supervisor = await start(supervised, backend())
+    supervisor = await start(supervised, fake_vllm(tmp_path))
     assert await supervisor.wait_for(EngineState.FAILED, timeout=30) is EngineState.FAILED
     assert "something nobody planned for" in supervisor.detail
     assert (Path(os.environ["FAKE_STATE_DIR"]) / "starts").read_text() == "1"
 
 
 async def test_replans_are_bounded_and_the_failure_says_what_was_tried(
-    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
 ) -> None:
     monkeypatch.setenv("FAKE_FAIL_STARTS", "kv:99")
-    config = SupervisorConfig(ready_timeout=30, max_replans=2, stop_grace=2, poll_interval=0.1)
-    supervisor = await start(supervised, backend(vram_gib=6), config)
+    engine = fake_vllm(tmp_path, vram_gib=6, max_replans=2)
+    supervisor = await start(supervised, engine)
     assert await supervisor.wait_for(EngineState.FAILED, timeout=60) is EngineState.FAILED
     assert (Path(os.environ["FAKE_STATE_DIR"]) / "starts").read_text() == "3"
     assert "kv_cache_too_small: rung 1" in supervisor.detail
@@ -123,10 +118,13 @@ async def test_replans_are_bounded_and_the_failure_says_what_was_tried(
 
 
 async def test_an_offload_that_did_not_take_effect_is_an_error(
-    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
 ) -> None:
     monkeypatch.setenv("FAKE_IGNORE_OFFLOAD", "1")
-    engine = backend(vram_gib=5)
+    engine = fake_vllm(tmp_path, vram_gib=5)
     assert engine.plan.offloaded_layers > 0
     supervisor = await start(supervised, engine)
     assert (
@@ -138,9 +136,9 @@ async def test_an_offload_that_did_not_take_effect_is_an_error(
 
 
 async def test_offload_that_took_effect_is_reported(
-    cues: dict[str, str], supervised: list[Supervisor]
+    tmp_path: Path, cues: dict[str, str], supervised: list[Supervisor]
 ) -> None:
-    engine = backend(vram_gib=5)
+    engine = fake_vllm(tmp_path, vram_gib=5)
     supervisor = await start(supervised, engine)
     assert (
         await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
@@ -153,9 +151,9 @@ async def test_offload_that_took_effect_is_reported(
 
 
 async def test_a_crash_while_serving_is_restarted_with_backoff(
-    cues: dict[str, str], supervised: list[Supervisor]
+    tmp_path: Path, cues: dict[str, str], supervised: list[Supervisor]
 ) -> None:
-    supervisor = await start(supervised, backend())
+    supervisor = await start(supervised, fake_vllm(tmp_path))
     await supervisor.wait_for(EngineState.READY, timeout=30)
     first_pid = supervisor.pid
     seen: list[EngineState] = []
@@ -171,12 +169,9 @@ async def test_a_crash_while_serving_is_restarted_with_backoff(
 
 
 async def test_crashes_beyond_the_bound_fail(
-    cues: dict[str, str], supervised: list[Supervisor]
+    tmp_path: Path, cues: dict[str, str], supervised: list[Supervisor]
 ) -> None:
-    config = SupervisorConfig(
-        ready_timeout=30, max_restarts=1, backoff_base=0.1, stop_grace=2, poll_interval=0.1
-    )
-    supervisor = await start(supervised, backend(), config)
+    supervisor = await start(supervised, fake_vllm(tmp_path, max_restarts=1))
     for _ in range(2):
         await supervisor.wait_for(EngineState.READY, timeout=30)
         async with httpx.AsyncClient() as client:
@@ -188,25 +183,18 @@ async def test_crashes_beyond_the_bound_fail(
 
 
 async def test_stop_kills_an_engine_that_ignores_sigterm_and_its_children(
-    cues: dict[str, str], monkeypatch: pytest.MonkeyPatch, supervised: list[Supervisor]
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
 ) -> None:
     monkeypatch.setenv("FAKE_IGNORE_SIGTERM", "1")
     monkeypatch.setenv("FAKE_CHILD", "1")
-    supervisor = await start(supervised, backend())
+    supervisor = await start(supervised, fake_vllm(tmp_path))
     await supervisor.wait_for(EngineState.READY, timeout=30)
     engine_pid = supervisor.pid
     child_pid = int((Path(os.environ["FAKE_STATE_DIR"]) / "child.pid").read_text())
     await supervisor.stop()
     assert supervisor.state is EngineState.STOPPED
     for pid in (engine_pid, child_pid):
-        assert pid is not None and not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead too: it only waits for its parent to read its status.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(")")[1].split()[0] != "Z"
+        assert pid is not None and not alive(pid)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from engine.backends.vllm import VllmBackend
-from engine.facts import GpuFacts, HostFacts, load_model_facts
-from engine.planner import PlanRequest
-from engine.units import GiB
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from lowvram.engine.settings import EngineSettings
+from lowvram.engine.units import GiB
+from lowvram.engine.vllm.backend import VllmBackend
+from lowvram.engine.vllm.model import load_model_facts
+from tests.helpers import FIXTURES, TEST_MACHINE
 
 
 def backend(vram: float = 5, free: int | None = None) -> VllmBackend:
     return VllmBackend(
         load_model_facts(str(FIXTURES / "qwen2.5-7b-instruct")),
-        GpuFacts("card", 24 * GiB, 24 * GiB, (8, 9)),
-        HostFacts(64 * GiB, 64 * GiB),
-        PlanRequest(vram=int(vram * GiB)),
+        TEST_MACHINE,
+        EngineSettings(_env_file=None, vram=int(vram * GiB)),  # type: ignore[call-arg]
         detect_free=lambda: free,
         measure_vram=lambda: int(4.5 * GiB),
     )
@@ -42,13 +38,18 @@ def test_the_command_binds_loopback_and_keeps_the_key_off_the_command_line() -> 
     [
         ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.2 GiB", "out_of_memory"),
         ("ValueError: No available memory for the cache blocks. Try", "kv_cache_too_small"),
-        ("(24.0 GiB KV cache is needed, which is larger than the available KV cache memory",
-         "kv_cache_too_small"),
-        ("ValueError: Free memory on device cuda:0 (3.1/79.2 GiB) on startup is less than "
-         "desired GPU memory utilization (0.1, 7.92 GiB).", "gpu_busy"),
+        (
+            "(24.0 GiB KV cache is needed, which is larger than the available KV cache memory",
+            "kv_cache_too_small",
+        ),
+        (
+            "ValueError: Free memory on device cuda:0 (3.1/79.2 GiB) on startup is less than "
+            "desired GPU memory utilization (0.1, 7.92 GiB).",
+            "gpu_busy",
+        ),
         ("RuntimeError: unrelated", None),
     ],
-)  # fmt: skip
+)
 def test_known_failures_are_recognized(line: str, kind: str | None) -> None:
     assert backend().failure(["INFO starting", line, "Traceback ..."]) == kind
 

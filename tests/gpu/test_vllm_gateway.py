@@ -22,8 +22,8 @@ import openai
 import pytest
 from langchain_openai import ChatOpenAI
 
-from engine.facts import detect_gpus
-from tests.servers import is_ready, lowvram_serve, wait_for
+from lowvram.engine.hardware import detect_gpus
+from tests.helpers import is_ready, lowvram_serve, wait_for
 
 MODEL = os.environ.get("LOWVRAM_GPU_TEST_MODEL", "/tmp/m05")
 KEY = "gpu-test-key-0001"
@@ -50,8 +50,11 @@ def _vllm_pids() -> list[int]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("gpu")
-    env = {"GATEWAY_API_KEYS": KEY, "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
-           "ENGINE_BACKEND": "vllm"}  # fmt: skip
+    env = {
+        "GATEWAY_API_KEYS": KEY,
+        "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
+        "ENGINE_BACKEND": "vllm",
+    }
     args = ["--model", MODEL, "--vram", "3GiB", "--context", "2048", "--concurrency", "4"]
     started = time.monotonic()
     with lowvram_serve(tmp, env, args) as process:
@@ -73,10 +76,14 @@ FIXED = {"ignore_eos": True}  # random weights: fix the length so the counts are
 def test_streaming_with_usage(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
-            model="default", messages=HELLO, max_tokens=24, stream=True,
-            stream_options={"include_usage": True}, extra_body=FIXED,
+            model="default",
+            messages=HELLO,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=FIXED,
         )
-    )  # fmt: skip
+    )
     content = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content) >= 12
     usage = chunks[-1].usage
@@ -99,9 +106,13 @@ def test_two_concurrent_streams(served: tuple[str, Path]) -> None:
 
             async def one() -> int:
                 stream = await sdk.chat.completions.create(
-                    model="default", messages=HELLO, max_tokens=32, stream=True,
-                    stream_options={"include_usage": True}, extra_body=FIXED,
-                )  # fmt: skip
+                    model="default",
+                    messages=HELLO,
+                    max_tokens=32,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body=FIXED,
+                )
                 chunks = [chunk async for chunk in stream]
                 assert chunks[-1].usage is not None
                 return chunks[-1].usage.completion_tokens
@@ -112,8 +123,14 @@ def test_two_concurrent_streams(served: tuple[str, Path]) -> None:
 
 
 def test_langchain(served: tuple[str, Path]) -> None:
-    llm = ChatOpenAI(base_url=served[0] + "/v1", api_key=KEY, model="default", max_tokens=8,
-                     max_retries=0, extra_body=FIXED)  # fmt: skip
+    llm = ChatOpenAI(
+        base_url=served[0] + "/v1",
+        api_key=KEY,
+        model="default",
+        max_tokens=8,
+        max_retries=0,
+        extra_body=FIXED,
+    )
     assert llm.invoke("Say something.").content
     assert "".join(str(chunk.content) for chunk in llm.stream("Say something."))
 

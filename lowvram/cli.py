@@ -1,0 +1,325 @@
+"""`lowvram`: serve, manage keys, and plan an engine without starting it.
+
+    lowvram serve [--model M] [--vram 6GiB] ...    the gateway and the engine it manages
+    lowvram keys create|list|revoke                API keys in the SQLite database
+    lowvram plan MODEL --vram 6GiB [...]           the vLLM plan, without a GPU
+
+Every `--flag` but the key commands' is a setting: a field of `GatewaySettings` or
+`EngineSettings`, whose docstring is its help. A flag, its environment variable and `.env`
+mean the same thing; the flag wins. A mistake the user can fix prints one line,
+`error: ...`, and exits 2: no traceback, no banner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsError
+
+from lowvram.engine.errors import EngineError, PlanError
+from lowvram.engine.handle import EngineHandle
+from lowvram.engine.settings import EngineSettings
+from lowvram.gateway.settings import GatewaySettings
+
+S = TypeVar("S", bound=BaseSettings)
+
+Flags = dict[str, tuple[type[BaseSettings], str]]
+
+SERVE_FLAGS: Flags = {
+    "--model": (EngineSettings, "model"),
+    "--vram": (EngineSettings, "vram"),
+    "--context": (EngineSettings, "context"),
+    "--concurrency": (EngineSettings, "concurrency"),
+    "--backend": (EngineSettings, "backend"),
+    "--host": (GatewaySettings, "host"),
+    "--port": (GatewaySettings, "port"),
+    "--upstream": (GatewaySettings, "upstream_url"),
+}
+PLAN_FLAGS: Flags = {
+    "--vram": (EngineSettings, "vram"),
+    "--context": (EngineSettings, "context"),
+    "--concurrency": (EngineSettings, "concurrency"),
+    "--gpu-memory": (EngineSettings, "gpu_memory"),
+    "--host-memory": (EngineSettings, "host_memory"),
+}
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: printed as one line, exit status 2."""
+
+
+# --- settings from flags -----------------------------------------------------------------
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, flags: Flags) -> None:
+    """One flag per settings field; type checks are the settings' own, help its docstring."""
+    for flag, (cls, name) in flags.items():
+        field = cls.model_fields[name]
+        choices = [a for a in get_args(field.annotation) if isinstance(a, str)] or None
+        parser.add_argument(
+            flag,
+            dest=_dest(cls, name),
+            help=field.description,
+            choices=choices,
+            metavar=None if choices else name.upper(),
+        )
+
+
+def settings_from(cls: type[S], args: argparse.Namespace, flags: Flags) -> S:
+    """`cls` from the environment and `.env`, with the flags given on top."""
+    overrides = {
+        name: getattr(args, _dest(c, name))
+        for c, name in flags.values()
+        if c is cls and getattr(args, _dest(c, name), None) is not None
+    }
+    return load_settings(cls, **overrides)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise UsageError(describe_settings_error(cls, exc)) from None
+    except SettingsError as exc:
+        raise UsageError(f"a setting could not be read: {exc}") from None
+
+
+def describe_settings_error(cls: type[BaseSettings], exc: ValidationError) -> str:
+    """`GATEWAY_PORT='abc': Input should be a valid integer, ...` for each bad setting."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    parts = []
+    for error in exc.errors():
+        name = (prefix + str(error["loc"][0])).upper() if error["loc"] else prefix.rstrip("_")
+        value = error.get("input")
+        shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+        parts.append(f"{name}{shown}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _dest(cls: type[BaseSettings], name: str) -> str:
+    return f"{cls.__name__}.{name}"
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from lowvram.gateway.app import create_app
+    from lowvram.logs import configure_logging
+
+    gateway = settings_from(GatewaySettings, args, SERVE_FLAGS)
+    engine_settings = settings_from(EngineSettings, args, SERVE_FLAGS)
+    configure_logging(gateway.log_level)
+    has_keys = _open_database(gateway.db_path)
+    engine = build_engine(gateway, engine_settings)
+
+    def banner() -> None:
+        print(_banner(gateway, engine, has_keys or bool(gateway.api_keys)), flush=True)
+
+    # Let in-flight streams finish on SIGTERM; uvicorn's graceful timeout bounds the wait.
+    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
+    config = uvicorn.Config(
+        create_app(gateway, engine, on_ready=banner),
+        host=gateway.host,
+        port=gateway.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(gateway.drain_seconds) or None,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def build_engine(gateway: GatewaySettings, engine: EngineSettings) -> EngineHandle:
+    """The upstream named in the gateway's settings, or an engine we plan, start and watch."""
+    if gateway.upstream_url:
+        from lowvram.engine.external import ExternalEngine
+
+        key = gateway.upstream_api_key
+        return ExternalEngine(
+            gateway.upstream_url,
+            key.get_secret_value() if key else None,
+            context_length=gateway.context_length,
+        )
+    from lowvram.engine.factory import build_engine as build_managed
+
+    return build_managed(engine)
+
+
+def _open_database(path: Path) -> bool:
+    """Check the key database opens before anything starts; whether it holds a key."""
+    store = _key_store(path)
+    try:
+        return any(item.revoked_at is None for item in store.listing())
+    finally:
+        store.close()
+
+
+def _key_store(path: Path) -> Any:
+    from lowvram.gateway.keystore import KeyStore
+
+    try:
+        return KeyStore(path)
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(
+            f"cannot open the key database {path}: {reason} "
+            "(set GATEWAY_DB_PATH to a file in a writable directory)"
+        ) from None
+
+
+def _banner(settings: GatewaySettings, engine: EngineHandle, has_keys: bool) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    served = engine.model.id if engine.model else "?"
+    lines = [
+        f"lowvram is ready: http://{host}:{settings.port}/v1  (model: {served}; "
+        '"default" names it too)',
+        f"data: {settings.db_path.parent}  (keys and usage: {settings.db_path.name})",
+    ]
+    if not has_keys:
+        lines.append(
+            f"No API key yet. Make one, shown once:  {_program()} keys create my-app"
+            "  (or set GATEWAY_API_KEYS)"
+        )
+    lines.append("Stop with Ctrl-C.")
+    return "\n".join(lines)
+
+
+def _program() -> str:
+    """How the user ran us, to repeat in a hint: `.venv/bin/lowvram` or `lowvram`."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "lowvram" or str(argv0.parent) in os.get_exec_path():
+        return "lowvram"
+    try:
+        return str(argv0.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(argv0)
+
+
+# --- keys --------------------------------------------------------------------------------
+
+
+def keys(args: argparse.Namespace) -> int:
+    store = _key_store(load_settings(GatewaySettings).db_path)
+    try:
+        if args.action == "create":
+            try:
+                key = store.create(
+                    args.name,
+                    models=args.models.split(",") if args.models else None,
+                    rpm=args.rpm,
+                    tpm=args.tpm,
+                    max_concurrency=args.concurrency,
+                )
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            if not args.quiet:
+                shown_once = f"Created key '{args.name}'. It is shown once; store it now:"
+                print(shown_once, file=sys.stderr)
+            print(key)
+        elif args.action == "list":
+            _print_keys(store)
+        elif args.action == "revoke":
+            if not store.revoke(args.name):
+                raise UsageError(f"no active key named '{args.name}'")
+            print(f"Revoked '{args.name}'.")
+    finally:
+        store.close()
+    return 0
+
+
+def _print_keys(store: Any) -> None:
+    print(
+        f"{'name':20} {'prefix':10} {'models':24} {'rpm':>6} {'tpm':>8} {'conc':>4} "
+        f"{'requests':>8} {'tokens':>9} created"
+    )
+    for item in store.listing():
+        rec = item.record
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(item.created_at))
+        state = " (revoked)" if item.revoked_at else ""
+        print(
+            f"{rec.name:20} {item.prefix:10} {','.join(rec.models or ['*']):24} "
+            f"{rec.rpm or '-':>6} {rec.tpm or '-':>8} {rec.max_concurrency or '-':>4} "
+            f"{item.requests:>8} {item.tokens:>9} {created}{state}"
+        )
+
+
+# --- plan --------------------------------------------------------------------------------
+
+
+def plan(args: argparse.Namespace) -> int:
+    import json
+
+    from lowvram.engine.hardware import detect_hardware
+    from lowvram.engine.vllm.model import load_model_facts
+    from lowvram.engine.vllm.planner import plan_vllm
+
+    settings = settings_from(EngineSettings, args, PLAN_FLAGS)
+    hardware = detect_hardware(settings)
+    if hardware.gpu is None:
+        raise PlanError("no NVIDIA GPU found here: pass --gpu-memory (e.g. 24GiB) to plan for one")
+    result = plan_vllm(load_model_facts(args.model), hardware.gpu, hardware.host, settings)
+    if args.json:
+        extra = {"argv": result.to_argv(), "env": result.to_env()}
+        print(json.dumps(result.model_dump(mode="json") | extra, indent=2))
+    else:
+        print(result.explain())
+    return 0
+
+
+# --- the parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowvram", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the gateway (and the engine it manages)")
+    add_setting_flags(serve_parser, SERVE_FLAGS)
+    serve_parser.set_defaults(func=serve)
+
+    keys_parser = commands.add_parser("keys", help="manage API keys in the SQLite database")
+    actions = keys_parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it once")
+    create.add_argument("name")
+    create.add_argument("--models", help="comma-separated model names this key may use")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--concurrency", type=int, help="requests in flight at once")
+    create.add_argument("--quiet", action="store_true", help="print only the key")
+    actions.add_parser("list", help="list keys (never the keys themselves) and their usage")
+    revoke = actions.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("name")
+    keys_parser.set_defaults(func=keys)
+
+    plan_parser = commands.add_parser("plan", help="print the engine plan for a model and a budget")
+    plan_parser.add_argument("model", help="HF directory (config.json is enough) or Hub id")
+    add_setting_flags(plan_parser, PLAN_FLAGS)
+    plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_parser.set_defaults(func=plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (UsageError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

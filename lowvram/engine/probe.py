@@ -1,0 +1,84 @@
+"""Ask a running OpenAI-compatible server what it serves (`GET /v1/models`) and how to count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from lowvram.engine.errors import ProbeError
+from lowvram.engine.handle import ServedModel, TokenizerStyle
+
+
+def normalize_base_url(url: str) -> str:
+    """Accept `http://h:p`, `http://h:p/` and `http://h:p/v1`; return the root."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def list_models(client: httpx.AsyncClient, base_url: str, api_key: str | None) -> Any:
+    try:
+        response = await client.get(f"{base_url}/v1/models", headers=auth_headers(api_key))
+    except httpx.HTTPError as exc:
+        raise ProbeError(f"{base_url} unreachable: {exc!r}") from exc
+    if response.status_code != 200:
+        raise ProbeError(f"{base_url}/v1/models answered {response.status_code}")
+    try:
+        return response.json()["data"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProbeError(f"{base_url}/v1/models did not return a model list") from exc
+
+
+async def detect_tokenizer(
+    client: httpx.AsyncClient, base_url: str, api_key: str | None, model: str
+) -> TokenizerStyle | None:
+    """vLLM serves `POST /tokenize`; llama-cpp-python serves `POST /extras/tokenize`."""
+    candidates: list[tuple[TokenizerStyle, str, dict[str, Any]]] = [
+        ("vllm", "/tokenize", {"model": model, "prompt": "hi"}),
+        ("llamacpp", "/extras/tokenize", {"input": "hi"}),
+    ]
+    for style, path, body in candidates:
+        try:
+            response = await client.post(
+                f"{base_url}{path}", json=body, headers=auth_headers(api_key)
+            )
+        except httpx.HTTPError:
+            return None
+        if response.status_code == 200:
+            return style
+    return None
+
+
+async def probe_served_model(
+    client: httpx.AsyncClient,
+    base_url: str,
+    api_key: str | None,
+    *,
+    context_length: int | None = None,
+    known: ServedModel | None = None,
+) -> ServedModel:
+    """Facts for an engine we do not manage; `context_length` fills in what it won't say.
+
+    The tokenizer is detected once per model: `known` is what the last probe found.
+    """
+    models = await list_models(client, base_url, api_key)
+    if not models:
+        raise ProbeError(f"{base_url}/v1/models lists no model")
+    first = models[0]
+    model_id = str(first["id"])
+    if known is not None and known.id == model_id:
+        tokenizer = known.tokenizer
+    else:
+        tokenizer = await detect_tokenizer(client, base_url, api_key, model_id)
+    reported = first.get("max_model_len")
+    return ServedModel(
+        id=model_id,
+        context_length=reported if isinstance(reported, int) else context_length,
+        tokenizer=tokenizer,
+        # llama-cpp-python ignores stream_options; vLLM and OpenAI honour it.
+        stream_usage=tokenizer != "llamacpp",
+    )

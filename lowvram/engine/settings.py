@@ -1,0 +1,61 @@
+"""The managed engine's settings: `ENGINE_*` from the environment and `.env`.
+
+    settings = EngineSettings(vram="6GiB")        # keyword arguments win over the environment
+    engine = build_engine(settings)               # engine/factory.py takes it as it is
+
+Each field's docstring is its `--help` text and its line in `.env.example`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lowvram.paths import data_dir
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ENGINE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    backend: Literal["auto", "vllm", "llamacpp"] = "auto"
+    """auto: vLLM with an NVIDIA GPU and vLLM installed, else llama.cpp on the CPU."""
+    model: str | None = None
+    """vLLM: HF directory or Hub id. llama.cpp: GGUF path or owner/repo:file.gguf."""
+    vram: ByteSize | None = None
+    """VRAM the engine may use, e.g. 6GiB; default: what the GPU has free, less 5%."""
+    context: int | None = Field(None, ge=256)
+    """Context length to plan for (tokens); default 4096, capped by the model."""
+    concurrency: int | None = Field(None, ge=1)
+    """Concurrent sequences to plan the KV cache for; default 4."""
+    gpu_memory: ByteSize | None = None
+    """Plan for a GPU of this size instead of the one present (what-if planning)."""
+    host_memory: ByteSize | None = None
+    """Plan for this much host RAM instead of what is present (what-if planning)."""
+    models_dir: Path = Field(default_factory=lambda: data_dir() / "models")
+    """Where downloaded and assembled GGUF files are cached."""
+    log_file: Path = Field(default_factory=lambda: data_dir() / "engine.log")
+    """The engine's own output, every line (the gateway's log has a summary)."""
+    ready_timeout: float = Field(900.0, gt=0)
+    """Seconds an engine start may take (vLLM: minutes on a cold machine)."""
+    max_restarts: int = Field(5, ge=0)
+    """Crashes in a row while serving before the engine is given up."""
+    max_replans: int = Field(3, ge=0)
+    """Start-up memory failures answered by re-planning one rung down, before giving up."""
+    threads: int | None = Field(None, ge=1)
+    """llama.cpp CPU threads; default: the cores this process may use."""
+    extra_args: str = ""
+    """Extra engine arguments, appended after the plan's (shell-quoted)."""
+    command: str | None = None
+    """The engine server's command, e.g. vLLM from its own virtualenv:
+    `/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server`."""

@@ -1,0 +1,176 @@
+"""vLLM's own OpenAI server (the AsyncLLM engine), run from a plan."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ByteSize
+
+from lowvram.engine.backend import Launch
+from lowvram.engine.errors import PlanError, SetupError
+from lowvram.engine.handle import ServedModel
+from lowvram.engine.hardware import Hardware, detect_gpus, gpu_memory_used
+from lowvram.engine.settings import EngineSettings
+from lowvram.engine.units import GiB, gib
+from lowvram.engine.vllm.model import ModelFacts
+from lowvram.engine.vllm.plan import EnginePlan
+from lowvram.engine.vllm.planner import plan_vllm
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+# Start-up failures we know how to answer by re-planning one rung down.
+FAILURES: dict[str, tuple[str, ...]] = {
+    "out_of_memory": ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory"),
+    "kv_cache_too_small": (
+        "No available memory for the cache blocks",
+        "larger than the available KV cache memory",
+    ),
+    "gpu_busy": ("is less than desired GPU memory utilization",),
+}
+
+_OFFLOADED = re.compile(r"Total CPU offloaded parameters: ([0-9.]+)")
+_LOADED = re.compile(r"Model loading took ([0-9.]+) GiB")
+_KV_TOKENS = re.compile(r"GPU KV cache size: ([0-9,]+) tokens")
+
+
+def _free_now() -> int | None:
+    return next((gpu.free_bytes for gpu in detect_gpus()), None)
+
+
+class VllmBackend:
+    name = "vllm"
+    health_path = "/health"
+
+    def __init__(
+        self,
+        model: ModelFacts,
+        hardware: Hardware,
+        settings: EngineSettings,
+        *,
+        detect_free: Callable[[], int | None] = _free_now,
+        measure_vram: Callable[[], int | None] = gpu_memory_used,
+    ) -> None:
+        if hardware.gpu is None:
+            raise SetupError("vLLM needs an NVIDIA GPU and none was found")
+        self._model, self._gpu, self._host = model, hardware.gpu, hardware.host
+        self.settings = settings
+        command = shlex.split(settings.command) if settings.command else None
+        self._command = command or [sys.executable, "-m", SERVER_MODULE]
+        self._extra_args = shlex.split(settings.extra_args)
+        self._detect_free = detect_free
+        self._measure_vram = measure_vram
+        self.plan: EnginePlan = plan_vllm(model, self._gpu, self._host, settings)
+        self.observed: dict[str, float] = {}
+
+    def launch(self, port: int, api_key: str) -> Launch:
+        self.observed = {}
+        argv = [
+            *self._command,
+            *self.plan.to_argv(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-uvicorn-access-log",
+            *self._extra_args,
+        ]
+        # The key goes in the environment: a command line is visible to every local user.
+        env: dict[str, str | None] = {**self.plan.to_env(), "VLLM_API_KEY": api_key}
+        return Launch(argv, env, self.plan.explain())
+
+    def served_model(self) -> ServedModel:
+        return ServedModel(
+            id=self.plan.served_name,
+            context_length=self.plan.max_model_len,
+            max_batch=self.plan.max_num_seqs,
+            tokenizer="vllm",
+            stream_usage=True,
+        )
+
+    def observe(self, line: str) -> None:
+        for key, pattern in (
+            ("offloaded_gib", _OFFLOADED),
+            ("weights_gib", _LOADED),
+            ("kv_tokens", _KV_TOKENS),
+        ):
+            if match := pattern.search(line):
+                self.observed[key] = float(match.group(1).replace(",", ""))
+
+    def failure(self, tail: Sequence[str]) -> str | None:
+        text = "\n".join(tail)
+        for kind, needles in FAILURES.items():
+            if any(needle in text for needle in needles):
+                return kind
+        return None
+
+    def step_down(self, failure: str) -> str | None:
+        settings, rung = self.settings, self.plan.rung + 1
+        if failure == "gpu_busy":
+            free = self._detect_free()
+            if free is not None and (settings.vram is None or free < settings.vram):
+                # Something else holds part of the card: plan for what is free now.
+                settings = settings.model_copy(update={"vram": ByteSize(int(free * 0.95))})
+        try:
+            plan = plan_vllm(self._model, self._gpu, self._host, settings, rung=rung)
+        except PlanError:
+            return None
+        before = self.plan
+        self.settings, self.plan = settings, plan
+        return (
+            f"rung {rung}: {plan.offloaded_layers} layers offloaded "
+            f"(was {before.offloaded_layers}), "
+            f"KV {plan.kv_cache_tokens:,} tokens (was {before.kv_cache_tokens:,}), "
+            f"{plan.max_num_batched_tokens} batched tokens (was {before.max_num_batched_tokens})"
+        )
+
+    def verify(self) -> list[str]:
+        problems = []
+        planned = self.plan.cpu_offload_bytes / GiB
+        offloaded = self.observed.get("offloaded_gib")
+        if planned and offloaded is None:
+            problems.append(
+                f"offload of {planned:.2f} GiB was planned but vLLM never logged "
+                "'Total CPU offloaded parameters' (VLLM_USE_V2_MODEL_RUNNER=0 ignored?)"
+            )
+        elif (
+            planned
+            and offloaded is not None
+            and abs(offloaded - planned) > max(0.05, planned * 0.05)
+        ):
+            problems.append(f"vLLM offloaded {offloaded:.2f} GiB, the plan {planned:.2f} GiB")
+        elif not planned and offloaded:
+            problems.append(f"vLLM offloaded {offloaded:.2f} GiB though the plan offloads nothing")
+        kv_tokens = self.observed.get("kv_tokens")
+        if kv_tokens is not None and kv_tokens < self.plan.max_model_len:
+            problems.append(
+                f"vLLM's KV cache holds {kv_tokens:,.0f} tokens, less than one "
+                f"{self.plan.max_model_len}-token sequence"
+            )
+        return problems
+
+    def report(self) -> str:
+        measured = self._measure_vram()
+        if measured is not None:
+            self.observed["vram_bytes"] = measured
+        est = self.plan.estimate
+        weights, kv_tokens = (
+            self.observed.get("weights_gib", 0.0),
+            self.observed.get("kv_tokens", 0),
+        )
+        parts = [
+            f"weights {weights:.2f} GiB (est {est.weights / GiB:.2f})",
+            f"KV {kv_tokens:,.0f} tokens (plan {self.plan.kv_cache_tokens:,})",
+        ]
+        if self.plan.cpu_offload_bytes:
+            parts.append(
+                f"offloaded {self.observed.get('offloaded_gib', 0):.2f} GiB "
+                f"(plan {self.plan.cpu_offload_bytes / GiB:.2f})"
+            )
+        if measured is not None:
+            parts.append(
+                f"VRAM {gib(measured)} (est {gib(est.total)}, budget {gib(self.plan.budget)})"
+            )
+        return "vLLM ready: " + ", ".join(parts)

@@ -1,0 +1,156 @@
+"""The plan: what the engine will be told, and why, as one frozen, validated object.
+
+plan = plan_vllm(model, gpu, host, EngineSettings(vram="6GiB"))
+subprocess.Popen([*vllm_command, *plan.to_argv()], env=os.environ | plan.to_env())
+print(plan.explain())
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lowvram.engine.units import GiB, gib
+
+
+class VramEstimate(BaseModel):
+    """Bytes the engine will hold on the GPU once ready, by kind."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+
+    cuda_context: int
+    """CUDA context, workspaces and warm-up buffers: what vLLM holds whatever the model."""
+    weights: int
+    """Weights left on the GPU: embeddings, lm_head, layers not offloaded, quant states."""
+    kv_cache: int
+    """The KV cache, exactly as configured with --kv-cache-memory-bytes."""
+    activations: int
+    """Peak activations of a max_num_batched_tokens forward pass (and bnb's dequantized weight)."""
+    cuda_graphs: int = 0
+    """Captured CUDA graphs; zero when eager."""
+
+    @property
+    def total(self) -> int:
+        return (
+            self.cuda_context + self.weights + self.kv_cache + self.activations + self.cuda_graphs
+        )
+
+
+class EnginePlan(BaseModel):
+    """A vLLM configuration that fits a VRAM budget, with the reasons for each choice."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+
+    model: str
+    """Local directory or Hub id handed to vLLM."""
+    served_name: str
+    """The model id the engine (and the gateway) serves."""
+    budget: int = Field(gt=0)
+    """VRAM the engine may use, bytes."""
+    gpu_total: int = Field(gt=0)
+    """The card's memory, bytes (sets --gpu-memory-utilization for vLLM's start-up check)."""
+    dtype: Literal["bfloat16", "float16", "auto"]
+    quantization: str | None
+    """None (the checkpoint's dtype), "bitsandbytes" (4-bit at load), or a pre-quantized method."""
+    offloaded_layers: int = Field(ge=0)
+    cpu_offload_bytes: int = Field(ge=0)
+    """Bytes of layer weights kept in pinned host memory and read over PCIe each step."""
+    kv_cache_bytes: int = Field(gt=0)
+    kv_bytes_per_token: int = Field(gt=0)
+    max_model_len: int = Field(ge=64)
+    max_num_seqs: int = Field(ge=1)
+    max_num_batched_tokens: int = Field(ge=16)
+    enforce_eager: bool
+    block_size: int = 16
+    estimate: VramEstimate
+    reasons: tuple[str, ...]
+    """Why each choice was made, in the order the planner made them."""
+    warnings: tuple[str, ...] = ()
+    rung: int = Field(0, ge=0)
+    """How many times the plan was stepped down after a start-up failure."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnginePlan:
+        if self.kv_cache_bytes < self.max_model_len * self.kv_bytes_per_token:
+            raise ValueError("the KV cache must hold at least one max_model_len sequence")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
+        if self.estimate.total > self.budget:
+            raise ValueError("the estimate exceeds the budget")
+        if self.estimate.kv_cache != self.kv_cache_bytes:
+            raise ValueError("the estimate must count the configured KV cache")
+        return self
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.kv_cache_bytes // self.kv_bytes_per_token
+
+    @property
+    def gpu_memory_utilization(self) -> float:
+        """vLLM refuses to start unless this fraction of the card is free; the KV size is ours."""
+        return max(0.01, math.floor(self.budget / self.gpu_total * 1000) / 1000)
+
+    def to_argv(self) -> list[str]:
+        """vLLM OpenAI server arguments (host, port and key are the supervisor's)."""
+        argv = [
+            "--model",
+            self.model,
+            "--served-model-name",
+            self.served_name,
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(self.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(self.max_num_batched_tokens),
+            "--kv-cache-memory-bytes",
+            str(self.kv_cache_bytes),
+            "--gpu-memory-utilization",
+            f"{self.gpu_memory_utilization:.3f}",
+            "--block-size",
+            str(self.block_size),
+        ]
+        if self.quantization == "bitsandbytes":
+            argv += ["--quantization", "bitsandbytes"]
+        if self.cpu_offload_bytes:
+            # Offload goes parameter by parameter until this many GiB: the figure is whole layers.
+            argv += ["--cpu-offload-gb", f"{self.cpu_offload_bytes / GiB:.6f}"]
+        if self.enforce_eager:
+            argv.append("--enforce-eager")
+        return argv
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            # vLLM 0.26's V2 model runner ignores --cpu-offload-gb without a word, and
+            # JIT-compiles Triton kernels for minutes at start; V1 does neither.
+            "VLLM_USE_V2_MODEL_RUNNER": "0",
+            # FlashInfer's sampler JIT-compiles for minutes on a cold cache.
+            "VLLM_USE_FLASHINFER_SAMPLER": "0",
+        }
+
+    def explain(self) -> str:
+        est = self.estimate
+        rows = [
+            ("CUDA context and workspaces", est.cuda_context),
+            ("weights on the GPU", est.weights),
+            (f"KV cache ({self.kv_cache_tokens:,} tokens)", est.kv_cache),
+            (f"activations ({self.max_num_batched_tokens} batched tokens)", est.activations),
+            ("CUDA graphs", est.cuda_graphs),
+        ]
+        width = max(len(name) for name, _ in rows) + 2
+        lines = [f"plan for {self.served_name} within {gib(self.budget)} (rung {self.rung})", ""]
+        lines += [f"  {name:<{width}}{gib(value):>12}" for name, value in rows]
+        lines += [f"  {'total (estimate)':<{width}}{gib(est.total):>12}", ""]
+        if self.cpu_offload_bytes:
+            offloaded = gib(self.cpu_offload_bytes)
+            lines.append(f"  offloaded to host: {self.offloaded_layers} layers, {offloaded}")
+        lines += ["why:"] + [f"  - {reason}" for reason in self.reasons]
+        if self.warnings:
+            lines += ["warnings:"] + [f"  - {warning}" for warning in self.warnings]
+        lines += ["", "vllm serve arguments:", "  " + " ".join(self.to_argv())]
+        lines += ["environment:", "  " + " ".join(f"{k}={v}" for k, v in self.to_env().items())]
+        return "\n".join(lines)

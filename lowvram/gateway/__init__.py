@@ -1,0 +1,1 @@
+"""The gateway: the FastAPI app between OpenAI clients and the engine (`create_app`)."""

@@ -1,0 +1,87 @@
+"""The app factory: lifespan, state, routers, error handlers, middleware, in that order.
+
+    app = create_app(GatewaySettings(), engine)      # engine: any EngineHandle
+    uvicorn.run(app)
+
+The engine is built by the caller (`lowvram serve` builds it before the server starts, so
+that a bad model or budget fails before anything listens); the lifespan starts and stops it.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from lowvram.engine.handle import EngineHandle, EngineState
+from lowvram.gateway.auth import Authenticator
+from lowvram.gateway.errors import register_error_handlers
+from lowvram.gateway.keystore import KeyStore, UsageLog
+from lowvram.gateway.metrics import Metrics
+from lowvram.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from lowvram.gateway.routes import openai, ops
+from lowvram.gateway.serving import Gateway
+from lowvram.gateway.settings import GatewaySettings
+from lowvram.gateway.upstream import create_client
+
+
+def create_app(
+    settings: GatewaySettings,
+    engine: EngineHandle,
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> FastAPI:
+    """`on_ready` is called once, the first time the engine is ready (the CLI's banner)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = KeyStore(settings.db_path)
+        usage_log = UsageLog(settings.db_path)
+        client = create_client(settings)
+        app.state.auth = Authenticator(
+            [k.get_secret_value() for k in settings.api_keys],
+            [k.get_secret_value() for k in settings.admin_api_keys],
+            store,
+        )
+        app.state.gateway = Gateway(settings, engine, client, Metrics(), usage_log)
+        if on_ready is not None:
+            _call_once_ready(engine, on_ready)
+        await engine.start()
+        # What start-up allocated lives as long as the process: keep the collector off it.
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await engine.stop()
+            await client.aclose()
+            usage_log.close()
+            store.close()
+
+    app = FastAPI(
+        title="lowvram gateway",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+    register_error_handlers(app)
+    # Added last runs first: the request's id and log line, then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_bytes))
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def _call_once_ready(engine: EngineHandle, callback: Callable[[], None]) -> None:
+    called = False
+
+    def listener(state: EngineState) -> None:
+        nonlocal called
+        if state is EngineState.READY and not called:
+            called = True
+            callback()
+
+    engine.add_listener(listener)

@@ -1,0 +1,178 @@
+"""One client request from admission to its last byte: what it holds and what it cost.
+
+The exchange owns what a request holds (its key's lease, its admission slot) in an
+`ExitStack`, and is finished exactly once, by whichever of these ends the response:
+
+    an error escaping the handler     `with exchange:` finishes with the error's status
+    a JSON answer                     `Gateway._call` finishes it once the body is read
+    a stream                          `RelayResponse` finishes it after the last byte
+
+Finishing releases the resources, counts the request in the metrics and the usage log,
+and hands the access log its fields through `access_fields` (a context variable set by
+the middleware for each request).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from contextlib import ExitStack
+from contextvars import ContextVar
+from types import TracebackType
+
+from lowvram.gateway.errors import APIError, ClientClosed
+from lowvram.gateway.keystore import KeyRecord, UsageLog, UsageRecord
+from lowvram.gateway.metrics import Metrics
+
+CLIENT_CLOSED = ClientClosed.status_code
+
+access_fields: ContextVar[dict[str, object] | None] = ContextVar("access_fields", default=None)
+"""The access log line's extra fields for the request in scope (see middleware.py)."""
+
+
+class Endpoint(enum.StrEnum):
+    """An API route the gateway forwards, named as metrics and the usage log name it."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    TOKENIZE = "tokenize"
+
+    @property
+    def path(self) -> str:
+        """The engine's path for it (the same as the client's)."""
+        return _PATHS[self]
+
+    @property
+    def generates(self) -> bool:
+        """Whether it generates tokens: context fitting, streaming, usage accounting."""
+        return self in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+
+
+_PATHS = {
+    Endpoint.CHAT: "/v1/chat/completions",
+    Endpoint.COMPLETIONS: "/v1/completions",
+    Endpoint.EMBEDDINGS: "/v1/embeddings",
+    Endpoint.TOKENIZE: "/tokenize",
+}
+
+
+class Exchange:
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        key: KeyRecord,
+        endpoint: Endpoint,
+        stream: bool,
+        metrics: Metrics,
+        usage_log: UsageLog | None,
+    ) -> None:
+        self.request_id = request_id
+        self.key = key
+        self.endpoint = endpoint
+        self.stream = stream
+        self.model: str | None = None
+        self.status = 200
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.chunks = 0
+        self.resources = ExitStack()
+        """What the request holds; closed (in reverse order) when it finishes."""
+        self._metrics = metrics
+        self._usage_log = usage_log
+        self._started = time.perf_counter()
+        self._first_token: float | None = None
+        self._finished = False
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def mark_first_token(self) -> None:
+        if self._first_token is None:
+            self._first_token = time.perf_counter()
+
+    def record_usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.prompt_tokens = prompt if isinstance(prompt, int) else self.prompt_tokens
+            self.completion_tokens = completion if isinstance(completion, int) else None
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """An error escaping the handler settles the request with the status it stands for."""
+        if error is None:
+            return
+        if isinstance(error, APIError):
+            self.finish(error.status_code)
+        elif isinstance(error, Exception):
+            self.finish(500)
+        else:  # cancelled: the client is gone
+            self.finish(CLIENT_CLOSED)
+
+    def finish(self, status: int | None = None) -> None:
+        """Idempotent: the first call settles the request."""
+        if self._finished:
+            return
+        self._finished = True
+        if status is not None:
+            self.status = status
+        self.resources.close()
+        latency = time.perf_counter() - self._started
+        ttft = None if self._first_token is None else self._first_token - self._started
+        self._account(latency, ttft)
+        fields = access_fields.get()
+        if fields is not None:
+            fields.update(self._log_fields(ttft))
+
+    def _log_fields(self, ttft: float | None) -> dict[str, object]:
+        return {
+            "key": self.key.name,
+            "endpoint": self.endpoint.value,
+            "model": self.model,
+            "stream": self.stream,
+            "outcome": self.status,
+            "ttft_ms": None if ttft is None else round(ttft * 1000, 2),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "chunks": self.chunks,
+        }
+
+    def _account(self, latency: float, ttft: float | None) -> None:
+        metrics = self._metrics
+        endpoint = self.endpoint.value
+        metrics.child(metrics.requests, endpoint, str(self.status)).inc()
+        metrics.child(metrics.latency, endpoint).observe(latency)
+        if ttft is not None:
+            metrics.ttft.observe(ttft)
+        if self.chunks:
+            metrics.chunks.inc(self.chunks)
+        if self.prompt_tokens:
+            metrics.child(metrics.tokens, "prompt").inc(self.prompt_tokens)
+        if self.completion_tokens:
+            metrics.child(metrics.tokens, "completion").inc(self.completion_tokens)
+        if self._usage_log is not None:
+            self._usage_log.record(
+                UsageRecord(
+                    request_id=self.request_id,
+                    key_name=self.key.name,
+                    model=self.model,
+                    endpoint=endpoint,
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=self.completion_tokens,
+                    status=self.status,
+                    latency_ms=latency * 1000,
+                )
+            )

@@ -1,0 +1,250 @@
+"""API keys and the usage log, in one SQLite file.
+
+Only SHA-256 hashes of keys are stored; a new key is shown once, by `lowvram keys create`.
+Usage rows are written by one background thread so that a request never waits on disk,
+and `close()` drains the queue so that no row is lost on shutdown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "lvk-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id              INTEGER PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    key_hash        TEXT NOT NULL UNIQUE,
+    key_prefix      TEXT NOT NULL,
+    models          TEXT,            -- JSON list; NULL: every model
+    rpm             INTEGER,         -- requests per minute; NULL: unlimited
+    tpm             INTEGER,         -- tokens per minute
+    max_concurrency INTEGER,
+    created_at      REAL NOT NULL,
+    revoked_at      REAL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id                INTEGER PRIMARY KEY,
+    ts                REAL NOT NULL,
+    request_id        TEXT NOT NULL,
+    key_name          TEXT NOT NULL,
+    model             TEXT,
+    endpoint          TEXT NOT NULL,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    status            INTEGER NOT NULL,
+    latency_ms        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_name, ts);
+"""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """The identity and limits a request runs under."""
+
+    name: str
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyListing:
+    record: KeyRecord
+    prefix: str
+    created_at: float
+    revoked_at: float | None
+    requests: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    key_name: str
+    model: str | None
+    endpoint: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    status: int
+    latency_ms: float
+    ts: float = 0.0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # WAL with NORMAL sync survives a crash of the process, not of the machine; a fsync per
+    # request would cost more than the request.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class KeyStore:
+    """Managed keys. Lookups read SQLite each time, so a revoke from the CLI is immediate."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = _connect(path)
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def create(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> str:
+        """Store a new key and return it; this is the only time it exists in plain text."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        try:
+            self._conn.execute(
+                "INSERT INTO api_keys (name, key_hash, key_prefix, models, rpm, tpm,"
+                " max_concurrency, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    hash_key(key),
+                    key[: len(KEY_PREFIX) + 4],
+                    json.dumps(models) if models else None,
+                    rpm,
+                    tpm,
+                    max_concurrency,
+                    time.time(),
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a key named {name!r} exists already") from None
+        return key
+
+    def revoke(self, name: str) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (time.time(), name),
+        )
+        return cursor.rowcount == 1
+
+    def lookup(self, key_hash: str) -> KeyRecord | None:
+        row = self._conn.execute(
+            "SELECT key_hash, name, models, rpm, tpm, max_concurrency FROM api_keys"
+            " WHERE key_hash = ? AND revoked_at IS NULL",
+            (key_hash,),
+        ).fetchone()
+        if row is None or not secrets.compare_digest(row[0], key_hash):
+            return None
+        return _record(row[1:])
+
+    def listing(self) -> list[KeyListing]:
+        rows = self._conn.execute(
+            "SELECT k.name, k.models, k.rpm, k.tpm, k.max_concurrency, k.key_prefix,"
+            " k.created_at, k.revoked_at, COUNT(u.id),"
+            " COALESCE(SUM(COALESCE(u.prompt_tokens, 0) + COALESCE(u.completion_tokens, 0)), 0)"
+            " FROM api_keys k LEFT JOIN usage u ON u.key_name = k.name"
+            " GROUP BY k.id ORDER BY k.created_at"
+        ).fetchall()
+        return [
+            KeyListing(_record(row[:5]), row[5], row[6], row[7], row[8], row[9]) for row in rows
+        ]
+
+
+def _record(row: tuple[object, ...]) -> KeyRecord:
+    name, models, rpm, tpm, concurrency = row
+    return KeyRecord(
+        name=str(name),
+        models=tuple(json.loads(str(models))) if models else None,
+        rpm=rpm if isinstance(rpm, int) else None,
+        tpm=tpm if isinstance(tpm, int) else None,
+        max_concurrency=concurrency if isinstance(concurrency, int) else None,
+    )
+
+
+class UsageLog:
+    """Appends usage rows from a background thread; `close()` writes what is queued.
+
+    The writer wakes on a timer and drains the queue in one transaction, rather than
+    waking for every row: a thread woken per request costs the event loop a GIL hand-off
+    on every request.
+    """
+
+    FLUSH_INTERVAL = 0.25
+    MAX_BATCH = 1000
+
+    def __init__(self, path: Path) -> None:
+        self._conn = _connect(path)
+        self._conn.executescript(_SCHEMA)
+        self._queue: queue.SimpleQueue[UsageRecord] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, row: UsageRecord) -> None:
+        self._queue.put(row)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            closing = self._closing.wait(self.FLUSH_INTERVAL)
+            while not self._queue.empty():
+                batch = [self._queue.get() for _ in range(min(self._queue.qsize(), self.MAX_BATCH))]
+                try:
+                    self._write(batch)
+                except sqlite3.Error:
+                    logger.exception("could not write %d usage rows", len(batch))
+            if closing:
+                return
+
+    def _write(self, rows: list[UsageRecord]) -> None:
+        if not rows:
+            return
+        self._conn.execute("BEGIN")
+        try:
+            self._conn.executemany(
+                "INSERT INTO usage (ts, request_id, key_name, model, endpoint, prompt_tokens,"
+                " completion_tokens, status, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        row.ts or time.time(),
+                        row.request_id,
+                        row.key_name,
+                        row.model,
+                        row.endpoint,
+                        row.prompt_tokens,
+                        row.completion_tokens,
+                        row.status,
+                        row.latency_ms,
+                    )
+                    for row in rows
+                ],
+            )
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")

@@ -1,0 +1,159 @@
+"""Rewrite a client's request into the one the engine gets: validate, resolve, shim, fit.
+
+Each step edits the client's own JSON object, never a re-serialised model, so fields we do
+not know reach the engine untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from lowvram.engine.handle import ServedModel
+from lowvram.gateway.errors import BadRequest, ModelNotFound, param_from_loc
+from lowvram.gateway.exchange import Endpoint
+from lowvram.gateway.keystore import KeyRecord
+from lowvram.gateway.tokens import TokenCounter, chat_upper_bound, completion_upper_bound
+
+Model = TypeVar("Model", bound=BaseModel)
+
+# pydantic names union members in error locations ("str", "list[str]"); they are not fields.
+_SCALAR_TAGS = {"str", "int", "float", "bool", "none"}
+
+_HINTS = {
+    "stop": "expected a string or a list of at most 16 strings",
+    "prompt": "expected a string, a list of strings, or token ids",
+    "input": "expected a string, a list of strings, or token ids",
+}
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(
+            "We could not parse the JSON body of your request. Send a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def validate(model: type[Model], body: dict[str, Any]) -> Model:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
+        param = param_from_loc(loc)
+        top = str(loc[0]) if loc else ""
+        reason = _HINTS.get(top, error["msg"]) if len(loc) == 1 else error["msg"]
+        if error["type"] == "missing":
+            raise BadRequest(f"Missing required parameter: '{param}'.", param=param) from None
+        raise BadRequest(f"Invalid value for '{param}': {reason}.", param=param) from None
+
+
+def _is_union_tag(part: int | str) -> bool:
+    return isinstance(part, str) and (part in _SCALAR_TAGS or "[" in part)
+
+
+def resolve_model(
+    requested: str | None, served: ServedModel, aliases: dict[str, str], key: KeyRecord
+) -> str:
+    """The engine's model id for what the client named; 404 for anything else.
+
+    No model, or "default", means the served model: examples and clients that must name
+    one work whatever the engine serves.
+    """
+    target = served.id if requested in (None, "", "default") else aliases.get(requested, requested)
+    allowed = key_may_use(key, requested, served.id)
+    if target != served.id or not allowed:
+        raise ModelNotFound(
+            f"The model '{requested}' does not exist or you do not have access to it.",
+            param="model",
+        )
+    return served.id
+
+
+def key_may_use(key: KeyRecord, name: str | None, served_id: str) -> bool:
+    """A key's model list may name the model, the alias asked for, or "default"."""
+    return key.models is None or bool({name, served_id, "default"} & set(key.models))
+
+
+def apply_chat_shims(body: dict[str, Any]) -> None:
+    """Where engines and clients disagree, speak the engine's dialect."""
+    messages = body["messages"]
+    if any(m.get("role") == "developer" for m in messages):
+        # Newer OpenAI clients send `developer`; most chat templates only know `system`.
+        body["messages"] = [
+            {**m, "role": "system"} if m.get("role") == "developer" else m for m in messages
+        ]
+    if body.get("max_completion_tokens") is not None:
+        body["max_tokens"] = body.pop("max_completion_tokens")
+    if "parallel_tool_calls" in body and not body.get("tools"):
+        # LangChain sends it with no tools bound; engines reject that combination.
+        del body["parallel_tool_calls"]
+
+
+def ask_for_usage(body: dict[str, Any]) -> bool:
+    """Make a stream end with a usage chunk; return whether the client asked for one."""
+    options = body.get("stream_options") or {}
+    wanted = bool(options.get("include_usage"))
+    body["stream_options"] = {**options, "include_usage": True}
+    return wanted
+
+
+def check_stream_options(body: dict[str, Any]) -> None:
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise BadRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is true.",
+            param="stream_options",
+        )
+
+
+async def fit_context(
+    body: dict[str, Any],
+    endpoint: Endpoint,
+    served: ServedModel,
+    counter: TokenCounter,
+    default_max_tokens: int,
+) -> int | None:
+    """Set `max_tokens` so prompt + completion fits the window; return the prompt count if taken.
+
+    The engine counts only when a free upper bound on the prompt does not leave room. A
+    prompt that alone fills the window is refused with both numbers, as OpenAI does.
+    """
+    context = served.context_length
+    wanted = body.get("max_tokens")
+    max_tokens = wanted if isinstance(wanted, int) else default_max_tokens
+    body["max_tokens"] = max_tokens
+    if context is None:
+        return None
+    chat = endpoint is Endpoint.CHAT
+    prompt = None if chat else body["prompt"]
+    bound = chat_upper_bound(body) if chat else completion_upper_bound(prompt)
+    if bound + max_tokens <= context:
+        return None
+    if _token_ids(prompt):
+        prompt_tokens: int | None = bound  # token ids count themselves: the bound is exact
+    else:
+        prompt_tokens = await counter.count_prompt(endpoint, body)
+    if prompt_tokens is None:
+        return None
+    if prompt_tokens >= context:
+        raise BadRequest(
+            f"This model's maximum context length is {context} tokens. However, your"
+            f" messages resulted in {prompt_tokens} tokens. Please reduce the length of the"
+            " messages.",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
+    body["max_tokens"] = min(max_tokens, context - prompt_tokens)
+    return prompt_tokens
+
+
+def _token_ids(prompt: object) -> bool:
+    """A prompt of token ids, or a batch of them."""
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], str)

@@ -1,0 +1,43 @@
+"""Operations: liveness and readiness (public, no details) and Prometheus metrics (admin key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lowvram.engine.handle import EngineState
+from lowvram.gateway.auth import AdminKey
+from lowvram.gateway.serving import Gateway
+from lowvram.gateway.upstream import ENGINE_RETRY_AFTER
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The gateway process is alive; says nothing about the engine."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    """200 when a request would reach a ready engine; otherwise 503 with Retry-After."""
+    gateway: Gateway = request.app.state.gateway
+    if gateway.engine.state is EngineState.READY:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse(
+        {"status": "not ready"},
+        status_code=503,
+        headers={"Retry-After": str(int(ENGINE_RETRY_AFTER))},
+    )
+
+
+@router.get("/metrics", dependencies=[AdminKey])
+async def metrics(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    m = gateway.metrics
+    m.inflight.set(gateway.admission.inflight)
+    m.queued.set(gateway.admission.queued)
+    m.engine_ready.set(1 if gateway.engine.state is EngineState.READY else 0)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

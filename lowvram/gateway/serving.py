@@ -1,0 +1,242 @@
+"""The request path: from an authenticated body to the engine's answer, and back.
+
+`Gateway` owns the process-wide parts (one HTTP client, admission, per-key limits, token
+counter, usage log) and runs each request through them in a fixed order:
+
+    validate -> engine ready? -> resolve model -> shims -> key lease -> admission slot
+    -> fit context -> open upstream -> relay (stream) or read (JSON)
+
+Each request is one `Exchange`, which holds the lease and the slot until it finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from lowvram.engine.handle import EngineHandle, EngineState, ServedModel
+from lowvram.gateway.admission import Admission
+from lowvram.gateway.errors import ClientClosed, EngineUnavailable
+from lowvram.gateway.exchange import Endpoint, Exchange
+from lowvram.gateway.keystore import KeyRecord, UsageLog
+from lowvram.gateway.limits import KeyLimiter
+from lowvram.gateway.metrics import Metrics
+from lowvram.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lowvram.gateway.relay import RelayResponse, StreamRelay
+from lowvram.gateway.rewrite import (
+    apply_chat_shims,
+    ask_for_usage,
+    check_stream_options,
+    fit_context,
+    key_may_use,
+    resolve_model,
+    validate,
+)
+from lowvram.gateway.settings import GatewaySettings
+from lowvram.gateway.tokens import TokenCounter
+from lowvram.gateway.upstream import (
+    ENGINE_RETRY_AFTER,
+    engine_error,
+    map_transport_error,
+    open_upstream,
+)
+
+T = TypeVar("T")
+
+# In-flight bound for an engine that does not say how many sequences it batches.
+DEFAULT_MAX_INFLIGHT = 64
+
+_SCHEMAS: dict[Endpoint, type[BaseModel]] = {
+    Endpoint.CHAT: ChatCompletionRequest,
+    Endpoint.COMPLETIONS: CompletionRequest,
+    Endpoint.EMBEDDINGS: EmbeddingRequest,
+}
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        engine: EngineHandle,
+        client: httpx.AsyncClient,
+        metrics: Metrics,
+        usage_log: UsageLog | None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.client = client
+        self.metrics = metrics
+        self.usage_log = usage_log
+        self.limiter = KeyLimiter()
+        self.counter = TokenCounter(client, engine)
+        self.admission = Admission(
+            self._inflight_limit(), settings.queue_size, settings.queue_timeout
+        )
+        engine.add_listener(self._on_engine_state)
+
+    # --- engine state ------------------------------------------------------------------
+
+    def _inflight_limit(self) -> int:
+        if self.settings.max_inflight is not None:
+            return self.settings.max_inflight
+        model = self.engine.model
+        return model.max_batch if model and model.max_batch else DEFAULT_MAX_INFLIGHT
+
+    def _on_engine_state(self, state: EngineState) -> None:
+        self.metrics.engine_state_changes.labels(state.value).inc()
+        if state is EngineState.READY:
+            self.admission.limit = self._inflight_limit()
+        else:
+            self.admission.fail_waiters(self._unavailable(state))
+
+    def _unavailable(self, state: EngineState) -> EngineUnavailable:
+        return EngineUnavailable(
+            f"The engine is {state.value}; retry shortly.", retry_after=ENGINE_RETRY_AFTER
+        )
+
+    def served_model(self) -> ServedModel:
+        model = self.engine.model
+        if self.engine.state is not EngineState.READY or model is None:
+            raise self._unavailable(self.engine.state)
+        return model
+
+    def model_ids(self, key: KeyRecord) -> list[str]:
+        """The served model and its aliases, as far as this key may use them."""
+        served = self.served_model()
+        names = [served.id] + [
+            alias for alias, target in self.settings.model_aliases.items() if target == served.id
+        ]
+        return [name for name in names if key_may_use(key, name, served.id)]
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def handle(
+        self, request: Request, key: KeyRecord, endpoint: Endpoint, body: dict[str, Any]
+    ) -> Response:
+        """Every forwarded endpoint; chat and completions may stream."""
+        stream = endpoint.generates and body.get("stream") is True
+        exchange = Exchange(
+            request_id=request.state.request_id,
+            key=key,
+            endpoint=endpoint,
+            stream=stream,
+            metrics=self.metrics,
+            usage_log=self.usage_log,
+        )
+        with exchange:
+            schema = _SCHEMAS.get(endpoint)
+            if schema is not None:
+                validate(schema, body)
+            if endpoint.generates:
+                check_stream_options(body)
+            served = self.served_model()
+            exchange.model = body["model"] = resolve_model(
+                body.get("model"), served, self.settings.model_aliases, key
+            )
+            if endpoint is Endpoint.CHAT:
+                apply_chat_shims(body)
+            wants_usage = ask_for_usage(body) if stream else False
+            lease = self.limiter.acquire(key)
+            exchange.resources.callback(lambda: lease.release(exchange.total_tokens))
+            if not stream:
+                return await unless_disconnected(request, self._call(exchange, served, body))
+            upstream = await unless_disconnected(request, self._open(exchange, served, body))
+            if upstream.status_code != 200:
+                return await self._engine_refused(upstream, exchange)
+            relay = StreamRelay(
+                upstream,
+                exchange,
+                counter=self.counter,
+                body=body,
+                client_wants_usage=wants_usage,
+                engine_reports_usage=served.stream_usage,
+                idle_timeout=self.settings.read_timeout,
+            )
+            return RelayResponse(relay, exchange, ping_seconds=self.settings.keepalive_seconds)
+
+    async def _open(
+        self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
+    ) -> httpx.Response:
+        """Wait for a slot, fit the request, and send it; return at the engine's headers."""
+        await self.admission.acquire()
+        exchange.resources.callback(self.admission.release)
+        if exchange.endpoint.generates:
+            exchange.prompt_tokens = await fit_context(
+                body, exchange.endpoint, served, self.counter, self.settings.default_max_tokens
+            )
+        return await open_upstream(
+            self.client,
+            self.engine,
+            exchange.endpoint.path,
+            body,
+            exchange.request_id,
+            stream=exchange.stream,
+            read_timeout=self.settings.read_timeout,
+        )
+
+    async def _call(
+        self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
+    ) -> Response:
+        """A request answered with one JSON document."""
+        upstream = await self._open(exchange, served, body)
+        if upstream.status_code != 200:
+            return await self._engine_refused(upstream, exchange)
+        raw = await _read_all(upstream)
+        try:
+            exchange.record_usage(json.loads(raw).get("usage"))
+        except (ValueError, AttributeError):
+            pass
+        exchange.finish(200)
+        return Response(raw, media_type="application/json")
+
+    async def _engine_refused(self, upstream: httpx.Response, exchange: Exchange) -> Response:
+        status, body = engine_error(upstream.status_code, await _read_all(upstream))
+        exchange.finish(status)
+        return JSONResponse(body, status_code=status)
+
+
+async def _read_all(upstream: httpx.Response) -> bytes:
+    """The engine's whole body; the response is closed however the read ends."""
+    try:
+        return await upstream.aread()
+    except httpx.HTTPError as exc:
+        raise map_transport_error(exc) from exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` until it is done or the client hangs up, whichever comes first.
+
+    Starlette does not cancel a handler when its client leaves. Cancelling `work` here
+    leaves the admission queue, or closes the engine's connection, which aborts the
+    generation there: a client that gave up must not keep the GPU busy.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work)
+    watcher = loop.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let its cleanup (leaving the queue, closing the engine's request) finish.
+            await asyncio.wait((task,))
+    if task.cancelled():
+        raise ClientClosed("The client closed the request.")
+    return task.result()
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

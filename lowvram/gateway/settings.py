@@ -1,0 +1,119 @@
+"""The gateway's settings: `GATEWAY_*` from the environment and `.env`.
+
+Precedence: keyword arguments (the CLI's flags) > environment > `.env` > defaults, so
+`GATEWAY_API_KEYS=... make serve` works whatever `.env` says. Each field's docstring is its
+`--help` text and its line in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from lowvram.paths import data_dir
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    # --- network and keys ------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Address the gateway binds; 0.0.0.0 to serve other machines (Docker sets it)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Port the gateway listens on."""
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    """Client keys accepted besides the SQLite ones, comma-separated, 8+ characters."""
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = []
+    """Keys for GET /metrics (Prometheus: authorization Bearer); they are not client keys."""
+    db_path: Path = Field(default_factory=lambda: data_dir() / "gateway.sqlite3")
+    """SQLite file holding managed keys and the per-request usage log."""
+
+    # --- an existing engine instead of a managed one ---------------------------------------
+    upstream_url: str | None = None
+    """Front this OpenAI-compatible server (base URL, with or without /v1); no engine starts."""
+    upstream_api_key: SecretStr | None = None
+    """Sent upstream as Authorization: Bearer, if the server needs one."""
+    upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    """HTTP transport under httpx's API: aiohttp (measured cheaper per chunk) or httpx."""
+    connect_timeout: float = Field(5.0, gt=0)
+    """Seconds to connect to the engine."""
+    read_timeout: float = Field(600.0, gt=0)
+    """Longest silence from the engine: a stream's idle time, or a whole JSON answer (s)."""
+    max_connections: int = Field(256, ge=1)
+    """Connections kept to the engine at most."""
+
+    # --- requests ----------------------------------------------------------------------------
+    model_aliases: Annotated[dict[str, str], NoDecode] = {}
+    """alias=target pairs, comma-separated (or a JSON object), e.g. gpt-4o-mini=qwen2.5-7b."""
+    context_length: int | None = Field(None, ge=1)
+    """Context window when an upstream does not report one (managed engines do)."""
+    default_max_tokens: int = Field(1024, ge=1)
+    """max_tokens for requests that send none: slow engines must not run to the context end."""
+    max_body_bytes: ByteSize = Field(ByteSize(1024 * 1024), ge=1024)
+    """Largest request body; larger gets 413."""
+
+    # --- admission and streaming -------------------------------------------------------------
+    max_inflight: int | None = Field(None, ge=1)
+    """Requests at the engine at once; default: the engine's batch size."""
+    queue_size: int = Field(64, ge=0)
+    """Requests that may wait for a slot; beyond that, 429 with Retry-After."""
+    queue_timeout: float = Field(60.0, ge=0)
+    """Seconds a request may wait in the queue before 429."""
+    keepalive_seconds: float = Field(10.0, ge=0)
+    """Seconds between SSE keep-alive comments while the engine is silent; 0: none."""
+    drain_seconds: float = Field(30.0, ge=0)
+    """On SIGTERM, seconds in-flight requests may take to finish before they are cut."""
+    log_level: LogLevel = "info"
+    """Log level: debug, info, warning, error. Logs are JSON, one line per request."""
+
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _aliases(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("{"):
+            return json.loads(value)
+        pairs = (item.split("=", 1) for item in _split_commas(value))
+        try:
+            return {alias.strip(): target.strip() for alias, target in pairs}
+        except ValueError:
+            raise ValueError("write aliases as alias=target,alias2=target2") from None
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _no_placeholder_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            secret = key.get_secret_value()
+            if secret.startswith("changeme") or len(secret) < 8:
+                raise ValueError("API keys must be at least 8 characters and not a placeholder")
+        return keys

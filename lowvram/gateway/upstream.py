@@ -1,0 +1,146 @@
+"""The one HTTP client to the engine, and what its failures mean to a client.
+
+httpx's API on aiohttp's transport by default: `bench/gateway_overhead.py` measures both
+transports side by side (docs/benchmarks.md); aiohttp costs less CPU per relayed chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from http.cookiejar import CookieJar
+from typing import Any
+
+import httpx
+
+from lowvram.engine.handle import EngineHandle
+from lowvram.engine.probe import auth_headers
+from lowvram.gateway.errors import (
+    APIError,
+    EngineUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
+from lowvram.gateway.settings import GatewaySettings
+
+ENGINE_RETRY_AFTER = 10.0
+
+
+def create_client(settings: GatewaySettings) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=settings.read_timeout,
+        write=30.0,
+        pool=settings.connect_timeout,
+    )
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+    )
+    transport: httpx.AsyncBaseTransport | None = None
+    if settings.upstream_transport == "aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        transport = AiohttpTransport(limits=limits, trust_env=False)
+    # trust_env=False: the engine is on loopback; a proxy from the environment would break it.
+    return httpx.AsyncClient(
+        timeout=timeout,
+        limits=limits,
+        transport=transport,
+        trust_env=False,
+        cookies=_NoCookies(),
+    )
+
+
+class _NoCookies(CookieJar):
+    """Engines set no cookies; parsing every response for them cost ~50 us a request."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _url(base_url: str, path: str) -> httpx.URL:
+    # Parsing the URL is a measurable part of httpx's per-request cost; engines keep theirs.
+    return httpx.URL(base_url + path)
+
+
+def map_transport_error(exc: httpx.HTTPError) -> APIError:
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+        # httpx-aiohttp reports a refused connection as ConnectTimeout: both mean no engine.
+        return EngineUnavailable(
+            "The engine is not reachable right now; retry shortly.",
+            retry_after=ENGINE_RETRY_AFTER,
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout("The engine did not answer in time.")
+    return UpstreamError(f"The engine's connection failed: {type(exc).__name__}.")
+
+
+def engine_error(status: int, raw: bytes) -> tuple[int, dict[str, Any]]:
+    """The engine said no: keep its status and message for client errors, hide the rest.
+
+    A 401 from the engine is our internal key, not the client's, so it becomes a 502.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    message = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            if 400 <= status < 500 and status != 401:
+                return status, {
+                    "error": {k: error.get(k) for k in ("message", "type", "param", "code")}
+                }
+            message = error.get("message")
+        elif isinstance(data.get("detail"), (str, list)):
+            message = str(data["detail"])  # FastAPI-style servers (llama-cpp-python)
+    message = str(message or raw[:300].decode(errors="replace") or f"HTTP {status}")
+    if status in (400, 404, 413, 422):
+        return 400, error_body(message, "invalid_request_error")
+    return 502, error_body(f"The engine failed: {message}", "server_error", None, "upstream_error")
+
+
+async def open_upstream(
+    client: httpx.AsyncClient,
+    engine: EngineHandle,
+    path: str,
+    body: dict[str, Any],
+    request_id: str,
+    *,
+    stream: bool,
+    read_timeout: float,
+) -> httpx.Response:
+    """Send the request and return once the engine's status and headers are in.
+
+    A stream's reads carry no timeout here: the relay's idle timer bounds its silences
+    (see streaming.py); the wait for the headers is bounded by `read_timeout` all the same.
+    """
+    base = client.timeout
+    timeout = (
+        base
+        if not stream
+        else httpx.Timeout(base.connect, read=None, write=base.write, pool=base.pool)
+    )
+    request = client.build_request(
+        "POST",
+        _url(engine.base_url, path),
+        content=json.dumps(body).encode(),
+        headers={
+            "content-type": "application/json",
+            "x-request-id": request_id,
+            **auth_headers(engine.api_key),
+        },
+        timeout=timeout,
+    )
+    try:
+        async with asyncio.timeout(read_timeout):
+            return await client.send(request, stream=True)
+    except TimeoutError:
+        raise UpstreamTimeout("The engine did not start its answer in time.") from None
+    except httpx.HTTPError as exc:
+        raise map_transport_error(exc) from exc

@@ -1,0 +1,203 @@
+"""Request shaping: validation, pass-through, model resolution, shims and context fitting."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from lowvram.gateway.keystore import KeyStore
+from tests.conftest import GatewayFactory
+from tests.doubles.fake_upstream import FakeUpstream
+from tests.helpers import assert_openai_error
+
+Fake = tuple[FakeUpstream, str]
+
+
+def chat(gateway: str, auth: dict[str, str], **fields: Any) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "hello there"}]} | fields
+    return httpx.post(gateway + "/v1/chat/completions", json=body, headers=auth)
+
+
+def last_body(fake: Fake, path: str = "/v1/chat/completions") -> dict[str, Any]:
+    return fake[0].last(path).body
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "12"}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"stop": 7}, "stop"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "y"}},
+            "stream_options.include_usage",
+        ),
+        ({"model": 3}, "model"),
+    ],
+)
+def test_invalid_fields_get_400_naming_the_param(
+    gateway: str, auth: dict[str, str], fake: Fake, fields: dict[str, Any], param: str
+) -> None:
+    before = len(fake[0].records)
+    error = assert_openai_error(chat(gateway, auth, **fields), 400)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert len(fake[0].records) == before  # nothing reached the engine
+
+
+def test_missing_messages_and_prompt_are_named(gateway: str, auth: dict[str, str]) -> None:
+    no_messages = httpx.post(gateway + "/v1/chat/completions", json={}, headers=auth)
+    assert assert_openai_error(no_messages, 400)["param"] == "messages"
+    no_prompt = httpx.post(gateway + "/v1/completions", json={"max_tokens": 3}, headers=auth)
+    assert assert_openai_error(no_prompt, 400)["param"] == "prompt"
+
+
+def test_bodies_that_are_not_json_objects_get_400(gateway: str, auth: dict[str, str]) -> None:
+    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        response = httpx.post(
+            gateway + "/v1/chat/completions",
+            content=content,
+            headers=auth | {"content-type": "application/json"},
+        )
+        assert_openai_error(response, 400)
+
+
+def test_unknown_fields_pass_through_untouched(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
+    extra = {"top_k": 20, "ignore_eos": True, "guided_json": {"type": "object"}, "min_p": 0.05}
+    assert chat(gateway, auth, temperature=1, **extra).status_code == 200
+    sent = last_body(fake)
+    assert {k: sent[k] for k in extra} == extra
+    assert sent["temperature"] == 1 and isinstance(sent["temperature"], int)
+
+
+def test_model_missing_or_aliased_resolves_to_the_served_model(
+    make_gateway: GatewayFactory, auth: dict[str, str], fake: Fake
+) -> None:
+    gateway = make_gateway(model_aliases={"gpt-4o-mini": "fake-model"})
+    for requested in (None, "fake-model", "gpt-4o-mini"):
+        fields = {} if requested is None else {"model": requested}
+        assert chat(gateway, auth, **fields).status_code == 200
+        assert last_body(fake)["model"] == "fake-model"
+    models = httpx.get(gateway + "/v1/models", headers=auth).json()["data"]
+    assert [m["id"] for m in models] == ["fake-model", "gpt-4o-mini"]
+    card = httpx.get(gateway + "/v1/models/gpt-4o-mini", headers=auth)
+    assert card.json()["id"] == "gpt-4o-mini"
+
+
+def test_unknown_model_is_404_model_not_found(gateway: str, auth: dict[str, str]) -> None:
+    error = assert_openai_error(chat(gateway, auth, model="gpt-5"), 404, "model_not_found")
+    assert error["param"] == "model" and "gpt-5" in error["message"]
+    assert_openai_error(httpx.get(gateway + "/v1/models/gpt-5", headers=auth), 404)
+
+
+def test_a_key_limited_to_other_models_cannot_use_this_one(
+    make_gateway: GatewayFactory, tmp_path: Any
+) -> None:
+    gateway = make_gateway()
+    store = KeyStore(tmp_path / "gateway.sqlite3")
+    other = {"api-key": store.create("other", models=["some-other-model"])}
+    allowed = {"api-key": store.create("allowed", models=["fake-model"])}
+    assert_openai_error(chat(gateway, other), 404, "model_not_found")
+    assert httpx.get(gateway + "/v1/models", headers=other).json()["data"] == []
+    assert chat(gateway, allowed).status_code == 200
+    store.close()
+
+
+def test_developer_role_becomes_system(gateway: str, auth: dict[str, str], fake: Fake) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
+    assert chat(gateway, auth, messages=messages).status_code == 200
+    assert [m["role"] for m in last_body(fake)["messages"]] == ["system", "user"]
+
+
+def test_max_completion_tokens_becomes_max_tokens(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
+    assert chat(gateway, auth, max_completion_tokens=7).status_code == 200
+    sent = last_body(fake)
+    assert sent["max_tokens"] == 7 and "max_completion_tokens" not in sent
+
+
+def test_parallel_tool_calls_is_accepted_with_and_without_tools(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
+    assert chat(gateway, auth, parallel_tool_calls=False).status_code == 200
+    assert "parallel_tool_calls" not in last_body(fake)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert chat(gateway, auth, parallel_tool_calls=False, tools=tools).status_code == 200
+    assert last_body(fake)["parallel_tool_calls"] is False
+
+
+def test_default_max_tokens_applies_when_the_client_sends_none(
+    make_gateway: GatewayFactory, auth: dict[str, str], fake: Fake
+) -> None:
+    gateway = make_gateway(default_max_tokens=33)
+    assert chat(gateway, auth).status_code == 200
+    assert last_body(fake)["max_tokens"] == 33
+
+
+def test_short_prompts_are_not_sent_to_the_tokenizer(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
+    before = sum(r.path == "/tokenize" for r in fake[0].records)
+    assert chat(gateway, auth, max_tokens=100).status_code == 200
+    assert sum(r.path == "/tokenize" for r in fake[0].records) == before
+    assert last_body(fake)["max_tokens"] == 100
+
+
+def test_max_tokens_is_clamped_to_what_the_context_leaves(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
+    # The fake counts words + 3 per message: "hello there" is 5 tokens of a 4096 window.
+    assert chat(gateway, auth, max_tokens=100_000).status_code == 200
+    assert last_body(fake)["max_tokens"] == 4096 - 5
+
+
+def test_a_prompt_over_the_context_gets_400_with_both_numbers(
+    gateway: str, auth: dict[str, str], fake: Fake
+) -> None:
+    words = " ".join(["word"] * 5000)
+    response = chat(gateway, auth, messages=[{"role": "user", "content": words}])
+    error = assert_openai_error(response, 400, "context_length_exceeded")
+    assert "4096" in error["message"] and "5003" in error["message"]
+    assert error["param"] == "messages"
+
+
+def test_completions_prompts_are_fitted_too(gateway: str, auth: dict[str, str], fake: Fake) -> None:
+    body = {"prompt": "one two three", "max_tokens": 10_000}
+    assert httpx.post(gateway + "/v1/completions", json=body, headers=auth).status_code == 200
+    assert last_body(fake, "/v1/completions")["max_tokens"] == 4096 - 3
+    too_long = {"prompt": " ".join(["w"] * 5000)}
+    response = httpx.post(gateway + "/v1/completions", json=too_long, headers=auth)
+    assert assert_openai_error(response, 400, "context_length_exceeded")["param"] == "prompt"
+
+
+def test_body_over_the_limit_gets_413(make_gateway: GatewayFactory, auth: dict[str, str]) -> None:
+    gateway = make_gateway(max_body_bytes=4096)
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_openai_error(httpx.post(gateway + "/v1/chat/completions", json=big, headers=auth), 413)
+
+    def chunked() -> Any:
+        yield json.dumps(big).encode()
+
+    streamed = httpx.post(gateway + "/v1/chat/completions", content=chunked(), headers=auth)
+    assert_openai_error(streamed, 413)
