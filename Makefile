@@ -10,8 +10,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # vLLM where nvidia-smi sees a GPU; the CPU engine (llama.cpp, built from source) elsewhere.
 ENGINE_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
-# llama-cpp-python compiles llama.cpp: use every core.
-export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: serve test lint bench key clean
 
@@ -26,7 +24,9 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.installed-$(ENGINE_EXTRA)
 	$(BIN)/lowvram serve
 
+# The first run builds llama.cpp's server (about 8 minutes on 2 cores; cached after).
 test: lint
+	$(BIN)/lowvram build
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-cpu,dev

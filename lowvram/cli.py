@@ -3,6 +3,7 @@
     lowvram serve [--model M] [--vram 6GiB] ...    the gateway and the engine it manages
     lowvram keys create|list|revoke                API keys in the SQLite database
     lowvram plan MODEL --vram 6GiB [...]           the vLLM plan, without a GPU
+    lowvram build                                  build llama.cpp's server now (once)
 
 Every `--flag` but the key commands' is a setting: a field of `GatewaySettings` or
 `EngineSettings`, whose docstring is its help. A flag, its environment variable and `.env`
@@ -112,7 +113,6 @@ def _dest(cls: type[BaseSettings], name: str) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from sse_starlette.sse import AppStatus
 
     from lowvram.gateway.app import create_app
     from lowvram.logs import configure_logging
@@ -126,8 +126,8 @@ def serve(args: argparse.Namespace) -> int:
     def banner() -> None:
         print(_banner(gateway, engine, has_keys or bool(gateway.api_keys)), flush=True)
 
-    # Let in-flight streams finish on SIGTERM; uvicorn's graceful timeout bounds the wait.
-    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
+    # On SIGTERM in-flight streams may finish for drain_seconds; then uvicorn cancels them,
+    # and each ends with an error event (gateway/relay.py).
     config = uvicorn.Config(
         create_app(gateway, engine, on_ready=banner),
         host=gateway.host,
@@ -278,6 +278,17 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- build ------------------------------------------------------------------------------
+
+
+def build(args: argparse.Namespace) -> int:
+    """Build llama.cpp's server now, rather than on the first `serve` that needs it."""
+    from lowvram.engine.llamacpp.build import ensure_server
+
+    print(ensure_server().binary)
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------
 
 
@@ -308,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(plan_parser, PLAN_FLAGS)
     plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_parser.set_defaults(func=plan)
+
+    build_parser_ = commands.add_parser(
+        "build", help="build llama.cpp's server now (serve builds it when first needed)"
+    )
+    build_parser_.set_defaults(func=build)
     return parser
 
 

@@ -27,6 +27,7 @@ class ExternalEngine(StateMixin):
         poll_interval: float = 2.0,
     ) -> None:
         super().__init__()
+        self._reason = "the upstream server is not answering yet"
         self._base_url = normalize_base_url(url)
         self._api_key = api_key
         self._context_length = context_length
@@ -76,7 +77,14 @@ class ExternalEngine(StateMixin):
             was_ready = self._model is not None
             if self.state is EngineState.READY:
                 logger.warning("upstream not ready: %s", exc)
-            self._set_state(EngineState.FAILED if was_ready else EngineState.STARTING, str(exc))
+            if was_ready:
+                self._set_state(
+                    EngineState.FAILED, str(exc), "the upstream server stopped answering"
+                )
+            else:
+                self._set_state(
+                    EngineState.STARTING, str(exc), "the upstream server is not answering yet"
+                )
             return
         if self._model != model:
             logger.info("upstream serves %s (context %s)", model.id, model.context_length)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 TokenizerStyle = Literal["vllm", "llamacpp"]
+"""vLLM: `POST /tokenize` counts messages or a prompt. llama.cpp's server: `POST /tokenize`
+tokenizes text, `POST /v1/chat/completions/input_tokens` counts a chat request."""
 
 
 class EngineState(enum.StrEnum):
@@ -25,7 +27,11 @@ class EngineState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What the gateway needs to know about the served model."""
+    """What the gateway needs to know about the served model and the engine serving it.
+
+    None means unknown (an engine someone else runs): the gateway then passes the request
+    on and lets the engine answer.
+    """
 
     id: str
     """The name the engine serves it under (sent upstream as `model`)."""
@@ -34,14 +40,35 @@ class ServedModel:
     max_batch: int | None = None
     """Sequences the engine runs at once; the gateway's default in-flight bound."""
     tokenizer: TokenizerStyle | None = None
-    """Which tokenize endpoint the engine has, for counting prompt tokens."""
-    stream_usage: bool = True
-    """Whether the engine honours `stream_options.include_usage`."""
-    chat_template: str | None = field(default=None, repr=False)
-    """The model's Jinja chat template, for counting prompts where the engine cannot."""
+    """Which tokenize endpoints the engine has, for counting prompt tokens."""
+    max_choices: int | None = None
+    """The most choices (`n`) one request may ask for."""
+    accepts_images: bool | None = None
+    """Whether image content parts reach a model that can see them."""
+    serves_embeddings: bool | None = None
+    """Whether `/v1/embeddings` is served."""
+    seed_needs_fresh_prompt: bool = False
+    """Whether a seeded request repeats only with its prompt recomputed: llama.cpp's
+    prompt cache changes the last logits slightly (batched vs. not), enough to change what
+    a seed samples; the gateway then sends `cache_prompt: false` with a `seed`."""
+    named_tool_choice: bool = True
+    """Whether `tool_choice: {"type": "function", ...}` is honoured (else the gateway
+    narrows `tools` to the named one and asks for `required`, which means the same)."""
+    tool_call_opener: str | None = None
+    """What the model writes to open a tool call (`<tool_call>\n` in Qwen's and Hermes'
+    templates), where the engine lets a model write text before a required call (llama.cpp
+    does): the gateway prefills it, so that the call comes first, as `required` promises."""
 
 
 StateListener = Callable[[EngineState], None]
+
+_REASONS = {
+    EngineState.STARTING: "the engine is starting",
+    EngineState.READY: "",
+    EngineState.RESTARTING: "the engine stopped and is restarting",
+    EngineState.FAILED: "the engine failed and the gateway gave up on it",
+    EngineState.STOPPED: "the gateway is shutting down",
+}
 
 
 class EngineHandle(Protocol):
@@ -61,7 +88,12 @@ class EngineHandle(Protocol):
 
     @property
     def detail(self) -> str:
-        """A line for logs and operators: why it is in this state."""
+        """A line for logs and operators: why it is in this state (may name paths)."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """Why it is not serving, said to clients and on /ready: no paths, no internals."""
         ...
 
     def add_listener(self, listener: StateListener) -> None:
@@ -79,6 +111,7 @@ class StateMixin:
     def __init__(self) -> None:
         self._state = EngineState.STARTING
         self._detail = ""
+        self._reason = "the engine is starting"
         self._listeners: list[StateListener] = []
 
     @property
@@ -89,12 +122,18 @@ class StateMixin:
     def detail(self) -> str:
         return self._detail
 
+    @property
+    def reason(self) -> str:
+        return self._reason
+
     def add_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
 
-    def _set_state(self, state: EngineState, detail: str = "") -> None:
+    def _set_state(self, state: EngineState, detail: str = "", reason: str | None = None) -> None:
+        """`reason` (for clients) defaults to the state's plain meaning."""
         changed = state is not self._state
         self._state, self._detail = state, detail
+        self._reason = reason or _REASONS[state]
         if changed:
             for listener in self._listeners:
                 listener(state)

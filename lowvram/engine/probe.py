@@ -36,20 +36,22 @@ async def list_models(client: httpx.AsyncClient, base_url: str, api_key: str | N
 async def detect_tokenizer(
     client: httpx.AsyncClient, base_url: str, api_key: str | None, model: str
 ) -> TokenizerStyle | None:
-    """vLLM serves `POST /tokenize`; llama-cpp-python serves `POST /extras/tokenize`."""
-    candidates: list[tuple[TokenizerStyle, str, dict[str, Any]]] = [
-        ("vllm", "/tokenize", {"model": model, "prompt": "hi"}),
-        ("llamacpp", "/extras/tokenize", {"input": "hi"}),
-    ]
-    for style, path, body in candidates:
-        try:
-            response = await client.post(
-                f"{base_url}{path}", json=body, headers=auth_headers(api_key)
-            )
-        except httpx.HTTPError:
-            return None
-        if response.status_code == 200:
-            return style
+    """vLLM's `/tokenize` counts (`count`); llama.cpp's server lists tokens (`tokens`).
+
+    One request serves both: vLLM reads `prompt`, llama.cpp's server reads `content`.
+    """
+    body = {"model": model, "prompt": "hi", "content": "hi"}
+    try:
+        response = await client.post(
+            f"{base_url}/tokenize", json=body, headers=auth_headers(api_key)
+        )
+        data = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("count"), int):
+        return "vllm"
+    if isinstance(data, dict) and isinstance(data.get("tokens"), list):
+        return "llamacpp"
     return None
 
 
@@ -79,6 +81,6 @@ async def probe_served_model(
         id=model_id,
         context_length=reported if isinstance(reported, int) else context_length,
         tokenizer=tokenizer,
-        # llama-cpp-python ignores stream_options; vLLM and OpenAI honour it.
-        stream_usage=tokenizer != "llamacpp",
+        # llama.cpp's server treats a named tool_choice as "auto"; vLLM honours it.
+        named_tool_choice=tokenizer != "llamacpp",
     )

@@ -48,10 +48,15 @@ class EngineSettings(BaseSettings):
     """The engine's own output, every line (the gateway's log has a summary)."""
     ready_timeout: float = Field(900.0, gt=0)
     """Seconds an engine start may take (vLLM: minutes on a cold machine)."""
-    max_restarts: int = Field(5, ge=0)
-    """Crashes in a row while serving before the engine is given up."""
+    max_restarts: int = Field(1, ge=0)
+    """Restarts after crashes right after a start (within a minute) before giving up."""
     max_replans: int = Field(3, ge=0)
     """Start-up memory failures answered by re-planning one rung down, before giving up."""
+    tool_parser: str | None = None
+    """vLLM's tool-call parser (hermes, llama3_json, mistral, ...; none: off); default:
+    chosen from the model family and its chat template."""
+    reasoning_parser: str | None = None
+    """vLLM's reasoning parser (deepseek_r1, qwen3, ...; none: off); default: by model."""
     threads: int | None = Field(None, ge=1)
     """llama.cpp CPU threads; default: the cores this process may use."""
     extra_args: str = ""

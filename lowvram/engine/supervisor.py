@@ -52,7 +52,7 @@ class Timing:
     stop_grace: float = 20.0
     """Seconds between SIGTERM and SIGKILL when stopping the engine."""
     healthy_after: float = 60.0
-    """Serving this long resets the crash count."""
+    """A crash this long after becoming ready is not "right after a start"."""
     poll_interval: float = 0.5
 
 
@@ -153,15 +153,16 @@ class Supervisor(StateMixin):
                 problems = self.backend.verify()
                 if problems:
                     await self._terminate(self._process)
-                    self._fail("the plan did not take effect: " + "; ".join(problems))
+                    self._fail(
+                        "the plan did not take effect: " + "; ".join(problems),
+                        "the engine did not start as planned",
+                    )
                     return
                 report = self.backend.report()
                 logger.info(report)
                 self._set_state(EngineState.READY, report)
-                code = await self._serve_until_exit()
-                if self._stopping.is_set():
-                    return
-                if not await self._back_off(code):
+                code, uptime = await self._serve_until_exit()
+                if self._stopping.is_set() or not await self._after_crash(code, uptime):
                     return
                 continue
             failure = self.backend.failure(self._tail)
@@ -171,11 +172,20 @@ class Supervisor(StateMixin):
                 else None
             )
             if change is None:
-                self._fail(f"the engine failed to start ({failure or outcome})")
+                why = failure or self._exit_or(outcome)
+                self._fail(
+                    f"the engine failed to start ({why})", f"the engine failed to start: {why}"
+                )
                 return
             replans += 1
             self.attempts.append(f"{failure}: {change}")
             logger.warning("engine start failed (%s); re-planned: %s", failure, change)
+
+    def _exit_or(self, outcome: str) -> str:
+        process = self._process
+        if outcome == "exited" and process is not None and process.returncode is not None:
+            return describe_exit(process.returncode)
+        return outcome
 
     async def _start_once(self) -> str:
         """One start: 'ready', 'exited' or 'timeout'."""
@@ -260,37 +270,51 @@ class Supervisor(StateMixin):
                 self.backend.observe(line)
                 engine_logger.debug("%s", line)
 
-    async def _serve_until_exit(self) -> int:
+    async def _serve_until_exit(self) -> tuple[int, float]:
+        """Wait for the engine to exit: its exit code, and how long it served."""
         assert self._process is not None
         ready_at = time.monotonic()
         code = await self._process.wait()
-        if time.monotonic() - ready_at > self.timing.healthy_after:
-            self.restarts = 0
-        return code
+        return code, time.monotonic() - ready_at
 
-    async def _back_off(self, code: int) -> bool:
-        """After a crash: wait, then try again; False once restarts are used up."""
-        self.restarts += 1
+    async def _after_crash(self, code: int, uptime: float) -> bool:
+        """Restart after a crash, with backoff; False where restarting cannot help.
+
+        A crash that repeats itself right after each start (within `healthy_after` of
+        becoming ready: a model that always fails on its first request) is restarted
+        `max_restarts` times, then the engine fails with its cause; one after serving a
+        while is always restarted. An illegal instruction fails at once: it will recur.
+        """
+        how = describe_exit(code)
+        self.restarts = self.restarts + 1 if uptime < self.timing.healthy_after else 1
+        if code < 0 and -code in DETERMINISTIC_SIGNALS:
+            return self._fail(f"the engine {how}; restarting cannot help", f"the engine {how}")
         if self.restarts > self.settings.max_restarts:
-            self._fail(f"the engine crashed {self.restarts} times in a row (last exit code {code})")
-            return False
+            return self._fail(
+                f"the engine crashed {self.restarts} times in a row, each within "
+                f"{self.timing.healthy_after:g} s of becoming ready (last: {how})",
+                f"the engine {how} right after every start",
+            )
         delay = min(self.timing.backoff_max, self.timing.backoff_base * 2 ** (self.restarts - 1))
         self._set_state(
             EngineState.RESTARTING,
-            f"engine exited with code {code}; restart {self.restarts}/{self.settings.max_restarts} "
-            f"in {delay:g} s",
+            f"engine {how}; restart {self.restarts}/{self.settings.max_restarts} in {delay:g} s. "
+            f"Last output: {' | '.join(list(self._tail)[-5:])}",
+            f"the engine {how} and restarts in {delay:g} s",
         )
-        logger.error("engine exited with code %s; restarting in %g s", code, delay)
+        logger.error("engine %s; restarting in %g s", how, delay)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay)
         return not self._stopping.is_set()
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, reason: str) -> bool:
+        """Give up: `why` (with what was tried and said) to the log, `reason` to clients."""
         tried = "; ".join(self.attempts)
         last = " | ".join(list(self._tail)[-5:])
         message = f"{why}. Tried: {tried}. Last output: {last}"
         logger.error(message)
-        self._set_state(EngineState.FAILED, message)
+        self._set_state(EngineState.FAILED, message, reason)
+        return False
 
     async def _terminate(self, process: asyncio.subprocess.Process | None) -> None:
         """SIGTERM the whole group, wait `stop_grace`, then SIGKILL the group."""
@@ -314,6 +338,32 @@ class Supervisor(StateMixin):
         """At interpreter exit without stop(): leave no engine behind."""
         if self._process is not None and self._process.returncode is None:
             _signal_group(self._process.pid, signal.SIGKILL)
+
+
+SIGNAL_CAUSES = {
+    signal.SIGILL: "illegal instruction: built for a CPU feature this machine does not allow",
+    signal.SIGSEGV: "segmentation fault: a bug in the engine, or a corrupt model file",
+    signal.SIGBUS: "bus error: the model file changed or could not be read while mapped",
+    signal.SIGFPE: "arithmetic exception in the engine",
+    signal.SIGABRT: "the engine aborted itself",
+    signal.SIGKILL: "killed: by the kernel's out-of-memory killer, or by someone",
+}
+DETERMINISTIC_SIGNALS = {signal.SIGILL}
+"""Crashes that will happen again on the next start, whatever we do."""
+
+
+def describe_exit(code: int) -> str:
+    """`exited with code 1`, or `was killed by SIGILL (illegal instruction: ...)`."""
+    number = -code if code < 0 else code - 128 if 128 < code < 160 else None
+    try:
+        sig = signal.Signals(number) if number else None
+    except ValueError:
+        sig = None
+    if sig is None:
+        return f"exited with code {code}"
+    cause = SIGNAL_CAUSES.get(sig)
+    via = "" if code < 0 else f"exited with code {code}: "
+    return f"{via}was killed by {sig.name}" + (f" ({cause})" if cause else "")
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

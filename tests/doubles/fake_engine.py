@@ -12,7 +12,8 @@ environment variables (FAKE_STATE_DIR holds a counter, so a cue can apply to a g
     FAKE_CHILD=1              start a grandchild process that must die with the group
 
 It prints the lines vLLM prints once loaded: 'Total CPU offloaded parameters', 'Model
-loading took', 'GPU KV cache size'. POST /_crash makes it exit at once (a crash).
+loading took', 'GPU KV cache size'. POST /_crash makes it exit at once (a crash);
+POST /_crash?signal=SIGILL kills it with that signal instead.
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ def main() -> None:
     async def health(_: Request) -> Response:
         return Response(status_code=200)
 
-    async def crash(_: Request) -> Response:
+    async def crash(request: Request) -> Response:
+        name = request.query_params.get("signal")
+        if name:
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+            os.kill(os.getpid(), getattr(signal, name))
         os._exit(3)
 
     async def models(request: Request) -> Response:

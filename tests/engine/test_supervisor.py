@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from lowvram.engine.handle import EngineState
-from lowvram.engine.supervisor import Supervisor, Timing
+from lowvram.engine.supervisor import Supervisor, Timing, describe_exit
 from lowvram.engine.units import GiB
 from lowvram.engine.vllm.backend import VllmBackend
 from tests.helpers import FAST, alive, fake_vllm
@@ -198,3 +198,48 @@ async def test_stop_kills_an_engine_that_ignores_sigterm_and_its_children(
     assert supervisor.state is EngineState.STOPPED
     for pid in (engine_pid, child_pid):
         assert pid is not None and not alive(pid)
+
+
+async def test_an_illegal_instruction_fails_at_once_and_says_why(
+    tmp_path: Path, cues: dict[str, str], supervised: list[Supervisor]
+) -> None:
+    supervisor = await start(supervised, fake_vllm(tmp_path))
+    await supervisor.wait_for(EngineState.READY, timeout=30)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.HTTPError):
+            await client.post(supervisor.base_url + "/_crash", params={"signal": "SIGILL"})
+    assert await supervisor.wait_for(EngineState.FAILED, timeout=30) is EngineState.FAILED
+    assert supervisor.reason == (
+        "the engine was killed by SIGILL (illegal instruction: built for a CPU feature this "
+        "machine does not allow)"
+    )
+    assert "restarting cannot help" in supervisor.detail
+    assert (Path(os.environ["FAKE_STATE_DIR"]) / "starts").read_text() == "1"
+
+
+async def test_a_crash_right_after_every_start_fails_with_its_cause(
+    tmp_path: Path, cues: dict[str, str], supervised: list[Supervisor]
+) -> None:
+    supervisor = await start(supervised, fake_vllm(tmp_path, max_restarts=1))
+    for _ in range(2):
+        await supervisor.wait_for(EngineState.READY, timeout=30)
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.post(supervisor.base_url + "/_crash", params={"signal": "SIGSEGV"})
+        await supervisor.wait_for(EngineState.RESTARTING, EngineState.FAILED, timeout=30)
+    assert await supervisor.wait_for(EngineState.FAILED, timeout=30) is EngineState.FAILED
+    assert supervisor.reason.startswith("the engine was killed by SIGSEGV (segmentation fault")
+    assert supervisor.reason.endswith("right after every start")
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (1, "exited with code 1"),
+        (-4, "was killed by SIGILL (illegal instruction"),
+        (132, "exited with code 132: was killed by SIGILL"),
+        (-15, "was killed by SIGTERM"),
+    ],
+)
+def test_exits_are_described(code: int, said: str) -> None:
+    assert describe_exit(code).startswith(said)

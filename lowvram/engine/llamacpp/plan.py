@@ -1,8 +1,10 @@
-"""What llama.cpp is told: context, layers on the GPU, threads; and why.
+"""What llama.cpp's server is told: sequences, context, threads; and why.
 
-plan = plan_llamacpp(model, read_metadata(model.path), gpu=None, vram=None,
-                     context=None, threads=2)
-plan.to_argv(), plan.explain()
+    plan = plan_llamacpp(model, read_metadata(model.path), settings, host)
+    plan.to_argv(), plan.explain()
+
+The server decodes `parallel` sequences at once (continuous batching) from one KV cache
+they share; each may be `context` tokens long. Weights are memory-mapped from the GGUF.
 """
 
 from __future__ import annotations
@@ -11,49 +13,52 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from lowvram.engine.hardware import GpuFacts
+from lowvram.engine.errors import PlanError
+from lowvram.engine.hardware import HostFacts
 from lowvram.engine.llamacpp.fetch import ResolvedModel
-from lowvram.engine.units import MiB, gib
+from lowvram.engine.settings import EngineSettings
+from lowvram.engine.units import GiB, gib
 
 DEFAULT_CONTEXT = 4096
+DEFAULT_PARALLEL = 4
+"""llama.cpp's own default: on a CPU, decoding 4 sequences costs little more than 1."""
 MIN_CONTEXT = 512
-GPU_OVERHEAD = 512 * MiB
-"""CUDA context and compute buffers of a llama.cpp process with layers on the GPU."""
+HOST_RESERVE = 1 * GiB
+"""Left to the gateway, the OS and the compute buffers."""
 
 
 @dataclass(frozen=True)
 class LlamaCppPlan:
     model: ResolvedModel
-    n_ctx: int
-    n_gpu_layers: int
-    n_threads: int
+    context: int
+    """Tokens per sequence (prompt and completion)."""
+    parallel: int
+    """Sequences decoded at once."""
+    threads: int
     layers: int
+    kv_bytes: int
     reasons: tuple[str, ...]
-    chat_template: str | None = None
+    tool_call_opener: str | None = None
+    """How the model's chat template opens a tool call, if it marks one."""
 
     def to_argv(self) -> list[str]:
+        """llama-server arguments (host, port and key are the supervisor's)."""
         return [
-            "--model",
-            str(self.model.path),
-            "--model_alias",
-            self.model.served_name,
-            "--n_ctx",
-            str(self.n_ctx),
-            "--n_gpu_layers",
-            str(self.n_gpu_layers),
-            "--n_threads",
-            str(self.n_threads),
-            "--n_threads_batch",
-            str(self.n_threads),
-            "--interrupt_requests",
-            "False",
+            *("--model", str(self.model.path), "--alias", self.model.served_name),
+            *("--parallel", str(self.parallel), "--kv-unified"),
+            # One KV pool for all sequences, each capped at `context`.
+            *("--ctx-size", str(self.context * self.parallel)),
+            *("--kv-unified-per-slot", str(self.context)),
+            *("--threads", str(self.threads), "--threads-batch", str(self.threads)),
+            "--jinja",  # the model's own chat template: tool calls, reasoning, JSON schemas
+            "--no-webui",
         ]
 
     def explain(self) -> str:
         lines = [
             f"plan for {self.model.served_name} ({self.model.source}): {self.model.path}",
-            f"  context {self.n_ctx} tokens, {self.n_gpu_layers}/{self.layers} layers on the GPU,"
-            f" {self.n_threads} CPU threads",
+            f"  {self.parallel} sequences x {self.context} tokens, {self.threads} CPU threads,"
+            f" KV cache {gib(self.kv_bytes)}",
         ]
         return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
 
@@ -61,48 +66,57 @@ class LlamaCppPlan:
 def plan_llamacpp(
     model: ResolvedModel,
     metadata: dict[str, Any],
-    *,
-    gpu: GpuFacts | None,
-    vram: int | None,
-    context: int | None,
-    threads: int,
+    settings: EngineSettings,
+    host: HostFacts,
 ) -> LlamaCppPlan:
     arch = metadata.get("general.architecture", "llama")
     layers = int(metadata.get(f"{arch}.block_count", 0))
     trained = int(metadata.get(f"{arch}.context_length", DEFAULT_CONTEXT))
-    n_ctx = max(MIN_CONTEXT, min(context or DEFAULT_CONTEXT, trained))
-    reasons = [f"context {n_ctx} of the {trained} the model was trained for"]
-    gpu_layers = 0
-    if gpu is not None and layers:
-        budget = vram if vram is not None else int(gpu.free_bytes * 0.9)
-        kv = _kv_bytes(metadata, arch, n_ctx)
-        per_layer = model.path.stat().st_size / layers
-        gpu_layers = max(0, min(layers, int((budget - GPU_OVERHEAD - kv) // per_layer)))
-        reasons.append(
-            f"{gpu_layers} of {layers} layers ({gib(gpu_layers * per_layer)}) fit in {gib(budget)} "
-            "beside the KV cache; the rest run on the CPU"
+    context = max(MIN_CONTEXT, min(settings.context or DEFAULT_CONTEXT, trained))
+    parallel = settings.concurrency or DEFAULT_PARALLEL
+    threads = settings.threads or usable_cores()
+    per_token = kv_bytes_per_token(metadata, arch)
+    weights = model.path.stat().st_size
+    reasons = [
+        f"context {context} of the {trained} the model was trained for",
+        f"{parallel} sequences at once share one KV cache ({per_token // 1024} KiB per token, f16)",
+        f"{threads} threads: the cores this process may use",
+    ]
+    room = host.available_bytes - weights - HOST_RESERVE
+    while parallel > 1 and parallel * context * per_token > room:
+        parallel //= 2
+    if parallel * context * per_token > room:
+        raise PlanError(
+            f"{model.served_name} needs {gib(weights)} of weights and "
+            f"{gib(context * per_token)} of KV cache for one {context}-token sequence; "
+            f"{gib(host.available_bytes)} of RAM is available. Lower ENGINE_CONTEXT or "
+            "use a smaller model."
         )
-    else:
-        reasons.append("no GPU: every layer on the CPU")
-    reasons.append(f"{threads} threads: the cores this process may use")
+    if parallel < (settings.concurrency or DEFAULT_PARALLEL):
+        reasons.append(f"only {parallel} sequences fit in the RAM available")
     template = metadata.get("tokenizer.chat_template")
+    opener = "<tool_call>\n" if isinstance(template, str) and "<tool_call>" in template else None
     return LlamaCppPlan(
-        model,
-        n_ctx,
-        gpu_layers,
-        threads,
-        layers,
-        tuple(reasons),
-        template if isinstance(template, str) else None,
+        model=model,
+        context=context,
+        parallel=parallel,
+        threads=threads,
+        layers=layers,
+        kv_bytes=parallel * context * per_token,
+        reasons=tuple(reasons),
+        tool_call_opener=opener,
     )
 
 
-def _kv_bytes(metadata: dict[str, Any], arch: str, n_ctx: int) -> int:
+def kv_bytes_per_token(metadata: dict[str, Any], arch: str) -> int:
     layers = int(metadata.get(f"{arch}.block_count", 0))
     heads = int(metadata.get(f"{arch}.attention.head_count", 1))
     kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(metadata.get(f"{arch}.embedding_length", 0)) // heads
-    return 2 * layers * kv_heads * head_dim * 2 * n_ctx  # K and V, f16
+    head_dim = int(
+        metadata.get(f"{arch}.attention.key_length")
+        or int(metadata.get(f"{arch}.embedding_length", 0)) // heads
+    )
+    return 2 * layers * kv_heads * head_dim * 2  # K and V, f16
 
 
 def usable_cores() -> int:

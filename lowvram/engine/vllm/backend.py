@@ -87,7 +87,7 @@ class VllmBackend:
             context_length=self.plan.max_model_len,
             max_batch=self.plan.max_num_seqs,
             tokenizer="vllm",
-            stream_usage=True,
+            serves_embeddings=False,  # a generating model: vLLM runs it as such
         )
 
     def observe(self, line: str) -> None:

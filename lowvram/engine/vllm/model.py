@@ -57,6 +57,8 @@ class ModelFacts:
     shared_expert_intermediate: int = 0
     checkpoint_bytes: int | None = None
     """Bytes of the weights on disk, from the safetensors index or headers, when known."""
+    chat_template: str | None = None
+    """The Jinja chat template, when the checkpoint has one where we looked."""
 
     # --- parameter counts --------------------------------------------------------------
 
@@ -196,14 +198,26 @@ def load_model_facts(model: str) -> ModelFacts:
         if not config_file.is_file():
             raise ModelError(f"{path} has no config.json")
         facts = parse_config(json.loads(config_file.read_text()), model)
-        return _with_bytes(facts, safetensors_bytes(path))
+        return replace(
+            facts, checkpoint_bytes=safetensors_bytes(path), chat_template=chat_template(path)
+        )
     if path.suffix == ".gguf" or path.exists():
         raise ModelError(f"{model} is not a Hugging Face model directory (GGUF goes to llama.cpp)")
     return _from_hub(model)
 
 
-def _with_bytes(facts: ModelFacts, checkpoint_bytes: int | None) -> ModelFacts:
-    return replace(facts, checkpoint_bytes=checkpoint_bytes)
+def chat_template(directory: Path) -> str | None:
+    """`chat_template.jinja`, else `tokenizer_config.json`'s (a string, or named ones)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = json.loads(config.read_text()).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = "\n".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    return template if isinstance(template, str) else None
 
 
 def _from_hub(repo_id: str) -> ModelFacts:
@@ -213,15 +227,23 @@ def _from_hub(repo_id: str) -> ModelFacts:
         raise ModelError(
             f"{repo_id}: not a directory, and huggingface_hub is not installed"
         ) from exc
-    try:
-        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
-    except Exception as exc:  # the hub client raises many kinds; all mean "could not read"
-        raise ModelError(f"{repo_id}: could not fetch config.json from the Hub ({exc})") from exc
-    facts = parse_config(config, repo_id)
-    try:
-        index = json.loads(
-            Path(hf_hub_download(repo_id, "model.safetensors.index.json")).read_text()
-        )
-        return _with_bytes(facts, index.get("metadata", {}).get("total_size"))
-    except Exception:
-        return facts  # single-file checkpoints have no index; shapes are enough
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except Exception:  # the hub client raises many kinds; all mean "not there"
+            return None
+
+    config = fetch("config.json")
+    if config is None:
+        raise ModelError(f"{repo_id}: could not fetch config.json from the Hub")
+    facts = parse_config(json.loads(config.read_text()), repo_id)
+    index = fetch("model.safetensors.index.json")  # single-file checkpoints have none
+    template = fetch("chat_template.jinja") or fetch("tokenizer_config.json")
+    return replace(
+        facts,
+        checkpoint_bytes=json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if index
+        else None,
+        chat_template=chat_template(template.parent) if template else None,
+    )

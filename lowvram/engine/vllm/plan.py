@@ -64,6 +64,10 @@ class EnginePlan(BaseModel):
     max_num_batched_tokens: int = Field(ge=16)
     enforce_eager: bool
     block_size: int = 16
+    tool_call_parser: str | None = None
+    """vLLM's parser for tool calls (turns on `tool_choice="auto"`); None: no tool calls."""
+    reasoning_parser: str | None = None
+    """vLLM's parser that moves a reasoning model's thinking to `reasoning_content`."""
     estimate: VramEstimate
     reasons: tuple[str, ...]
     """Why each choice was made, in the order the planner made them."""
@@ -121,6 +125,10 @@ class EnginePlan(BaseModel):
             argv += ["--cpu-offload-gb", f"{self.cpu_offload_bytes / GiB:.6f}"]
         if self.enforce_eager:
             argv.append("--enforce-eager")
+        if self.tool_call_parser:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
+        if self.reasoning_parser:
+            argv += ["--reasoning-parser", self.reasoning_parser]
         return argv
 
     def to_env(self) -> dict[str, str]:

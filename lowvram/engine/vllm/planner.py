@@ -31,6 +31,7 @@ from lowvram.engine.hardware import GpuFacts, HostFacts
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import GiB, MiB, gib
 from lowvram.engine.vllm.model import ModelFacts
+from lowvram.engine.vllm.parsers import choose_parsers
 from lowvram.engine.vllm.plan import EnginePlan, VramEstimate
 
 FIXED_OVERHEAD = 1536 * MiB
@@ -235,7 +236,13 @@ def plan_vllm(
             f"{token_choices[-1]} batched tokens, {model.quant_method or 'bitsandbytes 4-bit'}). "
             "Raise --vram, or use a smaller model."
         )
-    return _finish(model, gpu, host, chosen, budget, rung, reasons, warnings)
+    parsers = choose_parsers(model, settings.tool_parser, settings.reasoning_parser)
+    plan = _finish(
+        model, gpu, host, chosen, budget, rung, reasons + list(parsers.reasons), warnings
+    )
+    return plan.model_copy(
+        update={"tool_call_parser": parsers.tool, "reasoning_parser": parsers.reasoning}
+    )
 
 
 def _shrink(
