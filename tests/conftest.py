@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
 from lowvram.engine.external import ExternalEngine
@@ -14,6 +15,10 @@ from lowvram.gateway.app import create_app
 from lowvram.gateway.settings import GatewaySettings
 from tests.doubles.fake_upstream import FakeUpstream
 from tests.helpers import serve, wait_ready
+
+# hypothesis is imported here, at start-up, rather than first by its plugin's end-of-session
+# summary: there, CPython 3.11.7's parser failed on it with "AST constructor recursion depth
+# mismatch" after the e2e tests had run.
 
 CLIENT_KEY = "test-client-key-0001"
 ADMIN_KEY = "test-admin-key-0001"

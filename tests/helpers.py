@@ -119,10 +119,15 @@ def wait_ready(base_url: str, timeout: float = 20) -> None:
 
 
 def is_ready(base_url: str) -> bool:
+    return ready_state(base_url) == "ready"
+
+
+def ready_state(base_url: str) -> str | None:
+    """What /ready says: ready, starting, restarting, failed...; None if nothing answers."""
     try:
-        return httpx.get(f"{base_url}/ready", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+        return str(httpx.get(f"{base_url}/ready", timeout=2).json()["status"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
 
 
 @dataclass
@@ -173,12 +178,13 @@ def lowvram_serve(
         engine_log = Path(env.get("ENGINE_LOG_FILE", workdir / "engine.log"))
         served = ServeProcess(process, f"http://127.0.0.1:{port}", log_path, engine_log)
         try:
+            settled = ("ready", "failed")
             wait_for(
-                lambda: is_ready(served.url) or process.poll() is not None,
+                lambda: ready_state(served.url) in settled or process.poll() is not None,
                 ready_timeout,
                 "lowvram serve to be ready",
             )
-            assert process.poll() is None, served.output()[-4000:]
+            assert ready_state(served.url) == "ready", served.output()[-4000:]
             yield served
         finally:
             if process.poll() is None:

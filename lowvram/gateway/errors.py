@@ -11,6 +11,7 @@
     └── ServerError               5xx     server_error
         ├── UpstreamError         502
         ├── EngineUnavailable     503     with Retry-After
+        ├── GatewayShuttingDown   503     (a stream cut when the drain time ran out)
         └── UpstreamTimeout       504
 
 Clients (the OpenAI SDK, LangChain) pick their exception class from the status code and
@@ -111,6 +112,11 @@ class UpstreamError(ServerError):
 class EngineUnavailable(ServerError):
     status_code = 503
     default_code = "engine_unavailable"
+
+
+class GatewayShuttingDown(ServerError):
+    status_code = 503
+    default_code = "gateway_shutting_down"
 
 
 class UpstreamTimeout(ServerError):

@@ -35,6 +35,7 @@ class Endpoint(enum.StrEnum):
 
     CHAT = "chat"
     COMPLETIONS = "completions"
+    RESPONSES = "responses"
     EMBEDDINGS = "embeddings"
     TOKENIZE = "tokenize"
 
@@ -46,12 +47,18 @@ class Endpoint(enum.StrEnum):
     @property
     def generates(self) -> bool:
         """Whether it generates tokens: context fitting, streaming, usage accounting."""
-        return self in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+        return self in (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES)
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The request field that caps the completion."""
+        return "max_output_tokens" if self is Endpoint.RESPONSES else "max_tokens"
 
 
 _PATHS = {
     Endpoint.CHAT: "/v1/chat/completions",
     Endpoint.COMPLETIONS: "/v1/completions",
+    Endpoint.RESPONSES: "/v1/responses",
     Endpoint.EMBEDDINGS: "/v1/embeddings",
     Endpoint.TOKENIZE: "/tokenize",
 }
@@ -98,8 +105,10 @@ class Exchange:
             self._first_token = time.perf_counter()
 
     def record_usage(self, usage: object) -> None:
+        """Take the engine's usage object: chat and completions', or the Responses API's."""
         if isinstance(usage, dict):
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+            completion = usage.get("completion_tokens", usage.get("output_tokens"))
             self.prompt_tokens = prompt if isinstance(prompt, int) else self.prompt_tokens
             self.completion_tokens = completion if isinstance(completion, int) else None
 

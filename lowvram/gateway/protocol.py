@@ -48,6 +48,19 @@ class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
+class ResponsesRequest(_Passthrough):
+    """The Responses API (`/v1/responses`): `input` is a string or a list of items."""
+
+    model: StrictStr | None = None
+    input: StrictStr | list[dict[str, Any]]
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: StrictBool | None = None
+    instructions: StrictStr | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
 class EmbeddingRequest(_Passthrough):
     model: StrictStr | None = None
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]

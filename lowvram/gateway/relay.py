@@ -1,10 +1,16 @@
-"""Relay the engine's SSE stream to the client, chunk by chunk, as it arrives.
+"""Relay the engine's SSE stream to the client, as it arrives: one `send` per engine read.
+
+    StreamRelay     reads the engine's stream, accounts for it, and turns each read into the
+                    bytes the client gets (usually the read itself: no copy)
+    RelayResponse   the ASGI response that sends them, pings a silent engine's client,
+                    notices a client hanging up, and finishes the request's exchange
 
 Events pass through as the engine wrote them; the relay only reads what it must: the
-usage chunk (kept for accounting, dropped again if the client did not ask for it), the
-final `[DONE]`, and, for engines that cannot report usage in a stream, the text to count.
+usage chunk (kept for accounting, dropped again if the client did not ask for it), the end
+of the stream, and enough of every event to know it is JSON (its first and last byte).
 Once the first byte is out no status code can change, so failures become an SSE event
-carrying the OpenAI error object, followed by `data: [DONE]`.
+carrying the OpenAI error object, followed by `data: [DONE]`; the engine's response is
+closed, which makes it stop generating.
 
 A silent engine is cut by an idle timer rather than the HTTP client's read timeout, which
 re-arms a timer on every received chunk (about 7 us of CPU per chunk, bench/).
@@ -14,21 +20,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
 import anyio
 import httpx
-from sse_starlette import EventSourceResponse
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from lowvram.gateway.errors import APIError, UpstreamError, UpstreamTimeout, sse_error_event
-from lowvram.gateway.exchange import CLIENT_CLOSED, Exchange
+from lowvram.gateway.errors import (
+    APIError,
+    GatewayShuttingDown,
+    UpstreamError,
+    UpstreamTimeout,
+    sse_error_event,
+)
+from lowvram.gateway.exchange import CLIENT_CLOSED, Endpoint, Exchange
 from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of, is_plain
 from lowvram.gateway.tokens import TokenCounter
-from lowvram.gateway.upstream import map_transport_error
+from lowvram.gateway.upstream import clean_message, map_transport_error
 
 PASS = object()
+"""What an event handler returns to forward the event as the engine wrote it."""
+_BRACE, _CLOSE = ord("{"), ord("}")
 
 
 class IdleTimer:
@@ -59,11 +73,20 @@ class IdleTimer:
             self._handle = self._loop.call_later(self._timeout - idle, self._check)
 
 
+class _Garbage(Exception):
+    """The engine sent something that is not what its protocol allows."""
+
+
 class StreamRelay:
     """One engine stream, read once, as bytes for the client.
 
-    `counter` and `body` are there for engines that do not report usage in a stream: the
-    relay then counts the prompt and the text it passed on, with the engine's tokenizer.
+    Two dialects: chat and completions streams are `data:` chunks ending in `[DONE]`, with
+    usage in a chunk of its own; Responses API streams are typed events (`event:` and
+    `data:` lines) ending with `response.completed` (or `.incomplete`, `.failed`), usage
+    inside it, and no `[DONE]`. Events pass on as the engine wrote them in both.
+
+    `counter` and `body` serve engines that report no usage in a stream: the relay then
+    counts the prompt with the engine's tokenizer and charges a token per chunk.
     """
 
     def __init__(
@@ -74,64 +97,89 @@ class StreamRelay:
         counter: TokenCounter,
         body: dict[str, Any],
         client_wants_usage: bool,
-        engine_reports_usage: bool,
         idle_timeout: float,
+        max_event_bytes: int,
     ) -> None:
         self._upstream = upstream
         self._exchange = exchange
         self._counter = counter
         self._body = body
         self._client_wants_usage = client_wants_usage
-        self._engine_reports_usage = engine_reports_usage
         self._idle_timeout = idle_timeout
+        self._max_event_bytes = max_event_bytes
+        self._responses = exchange.endpoint is Endpoint.RESPONSES
         self._timed_out = False
         self._closing: asyncio.Future[None] | None = None
         self._done = False
         self._saw_usage = False
-        self._text: list[str] = []
         self._last_chunk: dict[str, Any] | None = None
         self.completed = False
-        """Whether the client got a complete stream (ending in `[DONE]`), errors included."""
+        """Whether the client got a whole stream (its end, or an error event), not a cut one."""
 
-    async def events(self) -> AsyncIterator[bytes]:
-        exchange = self._exchange
+    async def batches(self) -> AsyncGenerator[bytes, None]:
+        """What the client gets for each engine read: complete events, in one piece."""
         timer = IdleTimer(self._idle_timeout, self._expire)
         buffer = EventBuffer()
+        on_event = self._on_response_event if self._responses else self._on_event
         try:
             # The response's own stream, not aiter_raw(): two generator layers fewer per
-            # chunk; transport errors arrive as httpx exceptions all the same.
+            # read; transport errors arrive as httpx exceptions all the same.
             async for received in cast(httpx.AsyncByteStream, self._upstream.stream):
                 timer.touch()
                 chunk, spans = buffer.feed(received)
-                for start, end in spans:
-                    out = self._on_event(chunk[start:end])
-                    if out is PASS:
-                        # Usually one read is one event: forward it without copying.
-                        whole = start == 0 and end + 2 == len(chunk)
-                        yield chunk if whole else chunk[start : end + 2]
-                    elif isinstance(out, bytes):
+                if buffer.pending > self._max_event_bytes:
+                    raise _Garbage(
+                        f"The engine sent an event over {self._max_event_bytes} bytes long."
+                    )
+                if spans:
+                    out = self._relay_read(chunk, spans, on_event)
+                    if out:
                         yield out
-            if not self._done:
-                error: APIError = UpstreamError("The engine ended the stream unfinished.")
-                if self._timed_out:
-                    error = self._idle_error()
-                exchange.status = error.status_code
-                yield sse_error_event(error)
-            elif not self._saw_usage:
-                usage_event = await self._synthesize_usage()
-                if usage_event is not None:
-                    yield usage_event
-            yield DONE
-            self.completed = True
+            yield await self._ending()
         except httpx.HTTPError as exc:
-            error = self._idle_error() if self._timed_out else map_transport_error(exc)
-            exchange.status = error.status_code
-            yield sse_error_event(error)
-            yield DONE
-            self.completed = True
+            yield self._end(self._idle_error() if self._timed_out else map_transport_error(exc))
+        except _Garbage as exc:
+            yield self._end(UpstreamError(str(exc)))
         finally:
             timer.cancel()
             await self.close()
+        self.completed = True
+
+    def _relay_read(
+        self, chunk: bytes, spans: list[tuple[int, int]], on_event: Callable[[bytes], object]
+    ) -> bytes:
+        """Every complete event of one read; the read itself when all pass unchanged."""
+        pieces: list[bytes] | None = None
+        for i, (start, end) in enumerate(spans):
+            out = on_event(chunk[start:end])
+            if out is PASS:
+                if pieces is not None:
+                    pieces.append(chunk[start : end + 2])
+                continue
+            if pieces is None:
+                pieces = [chunk[:start]] if i else []
+            if isinstance(out, bytes):
+                pieces.append(out)
+        if pieces is not None:
+            return b"".join(pieces)
+        last = spans[-1][1] + 2
+        return chunk if last == len(chunk) else chunk[:last]
+
+    async def _ending(self) -> bytes:
+        """The stream's last bytes once the engine is done: usage we counted, `[DONE]`."""
+        if not self._done:
+            error: APIError = UpstreamError("The engine ended the stream unfinished.")
+            return self._end(self._idle_error() if self._timed_out else error)
+        if self._responses:
+            return b""
+        if self._saw_usage:
+            return DONE
+        return (await self._synthesize_usage() or b"") + DONE
+
+    def _end(self, error: APIError) -> bytes:
+        """Settle the stream with `error`: its event (and `[DONE]` where the dialect has it)."""
+        self._exchange.status = error.status_code
+        return sse_error_event(error) + (b"" if self._responses else DONE)
 
     def _idle_error(self) -> APIError:
         return UpstreamTimeout(f"The engine sent nothing for {self._idle_timeout:g} s.")
@@ -147,7 +195,7 @@ class StreamRelay:
             with anyio.CancelScope(shield=True):
                 await self._upstream.aclose()
 
-    def _on_event(self, event: bytes) -> bytes | object | None:
+    def _on_event(self, event: bytes) -> object:
         """PASS to forward the event as it came, bytes to send instead, None to drop it."""
         plain = is_plain(event)
         if not plain:
@@ -158,19 +206,22 @@ class StreamRelay:
         if event == DONE_EVENT:
             self._done = True
             return None
+        if len(event) < 8 or event[6] != _BRACE or event[-1] != _CLOSE:
+            raise _Garbage("The engine sent an event that is not JSON.")
         exchange = self._exchange
         exchange.chunks += 1
         exchange.mark_first_token()
         if b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
             return self._on_usage(event[6:])
         if event.startswith(b'data: {"error"'):
-            exchange.status = UpstreamError.status_code
-        elif not self._engine_reports_usage:
-            self._collect(event[6:])
+            self._exchange.status = UpstreamError.status_code
+            return sse_error_event(engine_stream_error(event[6:]))
+        if self._last_chunk is None:
+            self._last_chunk = _json(event[6:])  # its id and model, for a usage chunk of ours
         return PASS if plain else event + b"\n\n"
 
     def _on_usage(self, data: bytes) -> bytes | None:
-        chunk = json.loads(data)
+        chunk = _json(data)
         self._saw_usage = True
         self._exchange.record_usage(chunk.get("usage"))
         if self._client_wants_usage:
@@ -180,32 +231,38 @@ class StreamRelay:
         del chunk["usage"]
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
-    def _collect(self, data: bytes) -> None:
-        chunk = json.loads(data)
-        self._last_chunk = chunk
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content") if "delta" in choice else choice.get("text")
-            if isinstance(text, str):
-                self._text.append(text)
+    def _on_response_event(self, event: bytes) -> object:
+        """A Responses API event: passed on whole (its `event:` line matters to clients)."""
+        data = data_of(event)
+        if data is None:
+            return None
+        if len(data) < 2 or data[0] != _BRACE or data[-1] != _CLOSE:
+            raise _Garbage("The engine sent an event that is not JSON.")
+        exchange = self._exchange
+        if b'"response.output_text.delta"' in data:
+            exchange.chunks += 1
+            exchange.mark_first_token()
+        elif any(end in data for end in _RESPONSE_ENDS):
+            self._done = True
+            response = _json(data).get("response") or {}
+            exchange.record_usage(response.get("usage"))
+            if response.get("status") == "failed":
+                exchange.status = UpstreamError.status_code
+        elif data.startswith(b'{"error"') or b'"type":"error"' in data:
+            exchange.status = UpstreamError.status_code
+            return sse_error_event(engine_stream_error(data))
+        return PASS
 
     async def _synthesize_usage(self) -> bytes | None:
-        """Count what the engine did not report in the stream.
-
-        An engine that should have reported usage but did not is charged a token per
-        chunk, which is what vLLM and llama.cpp stream.
-        """
+        """The usage an engine did not report in its stream: the prompt counted with the
+        engine's tokenizer, a token per chunk (what vLLM and llama.cpp stream)."""
         exchange = self._exchange
         prompt = exchange.prompt_tokens
         if prompt is None:
             prompt = await self._counter.count_prompt(exchange.endpoint, self._body)
-        if self._engine_reports_usage:
-            completion: int | None = exchange.chunks
-        else:
-            text = "".join(self._text)
-            completion = await self._counter.count_text(text) if text else 0
-        if prompt is None or completion is None:
+        if prompt is None:
             return None
+        completion = exchange.chunks
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -222,32 +279,113 @@ class StreamRelay:
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-class RelayResponse(EventSourceResponse):
-    """An SSE response that finishes its exchange however it ends, even if never iterated.
+def _json(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        raise _Garbage("The engine sent an event that is not JSON.") from None
+    if not isinstance(value, dict):
+        raise _Garbage("The engine sent an event that is not a JSON object.")
+    return value
 
-    If the client is gone before the first chunk, sse-starlette may cancel the body before
-    the relay generator starts, so the generator's own `finally` cannot be relied upon.
+
+def engine_stream_error(data: bytes) -> APIError:
+    """The engine's own error event, with its message cleaned of paths and tracebacks."""
+    try:
+        error = json.loads(data).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        error = None
+    message = error.get("message") if isinstance(error, dict) else error
+    return UpstreamError(f"The engine failed: {clean_message(str(message or 'no message'))}")
+
+
+_RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # no buffering proxy in front may hold the stream back
+]
+PING = b": ping\n\n"
+
+
+class RelayResponse(Response):
+    """The SSE response of a relayed stream; finishes its exchange however it ends.
+
+    Besides sending what the relay yields, one watcher task per stream waits for the
+    client to hang up (then closes the engine's response, so the generation stops) and
+    sends a comment every `ping_seconds` while nothing else was sent. When the server's
+    drain time is over and it cancels what still runs, the client gets an error event and
+    `[DONE]` rather than a cut connection.
     """
 
+    media_type = "text/event-stream"
+
     def __init__(self, relay: StreamRelay, exchange: Exchange, *, ping_seconds: float) -> None:
-        super().__init__(relay.events(), ping=ping_seconds, sep="\n")
+        super().__init__(status_code=200)  # what handlers return; __call__ sends our headers
         self._relay = relay
         self._exchange = exchange
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        # sse-starlette opens an anyio cancel scope per chunk to apply `send_timeout`, which
-        # we do not set: a plain send saves that scope's cost on every chunk.
-        if self.send_timeout is None:
-            await send(message)
-        else:
-            await super()._send_with_timeout(send, message)
+        self._ping_seconds = ping_seconds
+        self._last_sent = 0.0
+        self._gone_early = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        watcher: asyncio.Task[None] | None = None
+        batches = self._relay.batches()
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            self._last_sent = loop.time()
+            watcher = loop.create_task(self._watch(receive, send))
+            async for batch in batches:
+                await send({"type": "http.response.body", "body": batch, "more_body": True})
+                self._last_sent = loop.time()
+                if self._gone_early:
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self._gone_early and not self._relay.completed:
+                await self._shutting_down(send)
+            raise
         finally:
+            if watcher is not None:
+                watcher.cancel()
+            await batches.aclose()  # its timer and the engine's response, now
             await self._relay.close()
-            # A relay that never finished was cut short by the client (or by shutdown).
-            if self._exchange.status == 200 and not self._relay.completed:
+            if self._gone_early or (self._exchange.status == 200 and not self._relay.completed):
                 self._exchange.status = CLIENT_CLOSED
             self._exchange.finish()
+
+    async def _shutting_down(self, send: Send) -> None:
+        """The server stops and will not wait longer: end the stream properly."""
+        error = GatewayShuttingDown("The gateway is shutting down; the stream was cut.")
+        self._exchange.status = error.status_code
+        responses = self._exchange.endpoint is Endpoint.RESPONSES
+        body = sse_error_event(error) + (b"" if responses else DONE)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _watch(self, receive: Receive, send: Send) -> None:
+        """The client hanging up stops the engine; a silent engine's client gets pings."""
+        loop = asyncio.get_running_loop()
+        timeout = self._ping_seconds or None
+        waiting: asyncio.Task[Message] = loop.create_task(_receive(receive))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=timeout)
+                if done:
+                    if waiting.result()["type"] == "http.disconnect":
+                        self._gone_early = not self._relay.completed
+                        await self._relay.close()  # the pending engine read fails at once
+                        return
+                    waiting = loop.create_task(_receive(receive))
+                elif timeout and loop.time() - self._last_sent >= timeout:
+                    # uvicorn writes a message whole before it awaits, so a ping lands
+                    # between two events, never inside one.
+                    await send({"type": "http.response.body", "body": PING, "more_body": True})
+                    self._last_sent = loop.time()
+        finally:
+            waiting.cancel()
+
+
+async def _receive(receive: Receive) -> Message:
+    return await receive()

@@ -15,7 +15,7 @@ from lowvram.engine.handle import ServedModel
 from lowvram.gateway.errors import BadRequest, ModelNotFound, param_from_loc
 from lowvram.gateway.exchange import Endpoint
 from lowvram.gateway.keystore import KeyRecord
-from lowvram.gateway.tokens import TokenCounter, chat_upper_bound, completion_upper_bound
+from lowvram.gateway.tokens import TokenCounter, upper_bound
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -82,8 +82,15 @@ def key_may_use(key: KeyRecord, name: str | None, served_id: str) -> bool:
     return key.models is None or bool({name, served_id, "default"} & set(key.models))
 
 
-def apply_chat_shims(body: dict[str, Any]) -> None:
+def apply_shims(endpoint: Endpoint, body: dict[str, Any], served: ServedModel) -> None:
     """Where engines and clients disagree, speak the engine's dialect."""
+    if endpoint is Endpoint.CHAT:
+        _chat_shims(body, served)
+    if body.get("seed") is not None and served.seed_needs_fresh_prompt:
+        body.setdefault("cache_prompt", False)  # a seed is asked for to repeat the answer
+
+
+def _chat_shims(body: dict[str, Any], served: ServedModel) -> None:
     messages = body["messages"]
     if any(m.get("role") == "developer" for m in messages):
         # Newer OpenAI clients send `developer`; most chat templates only know `system`.
@@ -95,6 +102,72 @@ def apply_chat_shims(body: dict[str, Any]) -> None:
     if "parallel_tool_calls" in body and not body.get("tools"):
         # LangChain sends it with no tools bound; engines reject that combination.
         del body["parallel_tool_calls"]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and not served.named_tool_choice:
+        _narrow_to_named_tool(body, choice)
+    opener = served.tool_call_opener
+    if body.get("tool_choice") == "required" and body.get("tools") and opener:
+        if body["messages"][-1].get("role") != "assistant":
+            # The engine continues a final assistant message: the call is opened for it.
+            body["messages"] = [*body["messages"], {"role": "assistant", "content": opener}]
+
+
+def _narrow_to_named_tool(body: dict[str, Any], choice: dict[str, Any]) -> None:
+    """`tool_choice: {"function": {"name": N}}` as `tools: [N]` + `required`: the same promise
+    (call N), for engines that only know auto/none/required (llama.cpp's server)."""
+    name = (choice.get("function") or {}).get("name")
+    named = [t for t in body.get("tools") or () if (t.get("function") or {}).get("name") == name]
+    if not named:
+        raise BadRequest(
+            f"tool_choice names the function {name!r}, which is not in 'tools'.",
+            param="tool_choice",
+        )
+    body["tools"] = named
+    body["tool_choice"] = "required"
+
+
+def check_engine_can(endpoint: Endpoint, body: dict[str, Any], served: ServedModel) -> None:
+    """Refuse, with a 400 naming the parameter, what this engine cannot serve, rather than
+    let it fail with its internals (or silently do less, like fewer choices than `n`)."""
+    n = body.get("n")
+    if isinstance(n, int) and served.max_choices is not None and n > served.max_choices:
+        raise BadRequest(
+            f"This engine generates at most {served.max_choices} choices per request; 'n' was {n}.",
+            param="n",
+        )
+    if endpoint is Endpoint.EMBEDDINGS and served.serves_embeddings is False:
+        raise BadRequest(
+            f"The model '{served.id}' is a text-generation model and does not serve embeddings.",
+            param="model",
+            code="model_not_supported",
+        )
+    if served.accepts_images is False:
+        where = _first_image(body.get("messages") if endpoint is Endpoint.CHAT else None)
+        if where is None and endpoint is Endpoint.RESPONSES:
+            where = _first_image(body.get("input"), field="input")
+        if where is not None:
+            raise BadRequest(
+                f"The model '{served.id}' reads text only: it cannot take the image in '{where}'.",
+                param=where,
+                code="image_input_not_supported",
+            )
+
+
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def _first_image(items: object, field: str = "messages") -> str | None:
+    """Where the first image content part is, as a param path: messages.[0].content.[1]."""
+    if not isinstance(items, list):
+        return None
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
+                return f"{field}.[{i}].content.[{j}]"
+    return None
 
 
 def ask_for_usage(body: dict[str, Any]) -> bool:
@@ -120,37 +193,39 @@ async def fit_context(
     counter: TokenCounter,
     default_max_tokens: int,
 ) -> int | None:
-    """Set `max_tokens` so prompt + completion fits the window; return the prompt count if taken.
+    """Cap the completion so prompt + completion fits the window; return the prompt count
+    if one was taken.
 
     The engine counts only when a free upper bound on the prompt does not leave room. A
     prompt that alone fills the window is refused with both numbers, as OpenAI does.
     """
-    context = served.context_length
-    wanted = body.get("max_tokens")
+    field = endpoint.max_tokens_field
+    wanted = body.get(field)
     max_tokens = wanted if isinstance(wanted, int) else default_max_tokens
-    body["max_tokens"] = max_tokens
+    body[field] = max_tokens
+    context = served.context_length
     if context is None:
         return None
-    chat = endpoint is Endpoint.CHAT
-    prompt = None if chat else body["prompt"]
-    bound = chat_upper_bound(body) if chat else completion_upper_bound(prompt)
+    bound = upper_bound(endpoint, body)
     if bound + max_tokens <= context:
         return None
-    if _token_ids(prompt):
+    prompt = body.get("prompt")
+    if endpoint is Endpoint.COMPLETIONS and _token_ids(prompt):
         prompt_tokens: int | None = bound  # token ids count themselves: the bound is exact
     else:
         prompt_tokens = await counter.count_prompt(endpoint, body)
     if prompt_tokens is None:
         return None
     if prompt_tokens >= context:
+        param = {Endpoint.CHAT: "messages", Endpoint.RESPONSES: "input"}.get(endpoint, "prompt")
         raise BadRequest(
             f"This model's maximum context length is {context} tokens. However, your"
             f" messages resulted in {prompt_tokens} tokens. Please reduce the length of the"
             " messages.",
-            param="messages" if chat else "prompt",
+            param=param,
             code="context_length_exceeded",
         )
-    body["max_tokens"] = min(max_tokens, context - prompt_tokens)
+    body[field] = min(max_tokens, context - prompt_tokens)
     return prompt_tokens
 
 

@@ -24,16 +24,22 @@ from pydantic import BaseModel
 
 from lowvram.engine.handle import EngineHandle, EngineState, ServedModel
 from lowvram.gateway.admission import Admission
-from lowvram.gateway.errors import ClientClosed, EngineUnavailable
+from lowvram.gateway.errors import ClientClosed, EngineUnavailable, UpstreamError
 from lowvram.gateway.exchange import Endpoint, Exchange
 from lowvram.gateway.keystore import KeyRecord, UsageLog
 from lowvram.gateway.limits import KeyLimiter
 from lowvram.gateway.metrics import Metrics
-from lowvram.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from lowvram.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+)
 from lowvram.gateway.relay import RelayResponse, StreamRelay
 from lowvram.gateway.rewrite import (
-    apply_chat_shims,
+    apply_shims,
     ask_for_usage,
+    check_engine_can,
     check_stream_options,
     fit_context,
     key_may_use,
@@ -57,6 +63,7 @@ DEFAULT_MAX_INFLIGHT = 64
 _SCHEMAS: dict[Endpoint, type[BaseModel]] = {
     Endpoint.CHAT: ChatCompletionRequest,
     Endpoint.COMPLETIONS: CompletionRequest,
+    Endpoint.RESPONSES: ResponsesRequest,
     Endpoint.EMBEDDINGS: EmbeddingRequest,
 }
 
@@ -98,9 +105,14 @@ class Gateway:
             self.admission.fail_waiters(self._unavailable(state))
 
     def _unavailable(self, state: EngineState) -> EngineUnavailable:
-        return EngineUnavailable(
-            f"The engine is {state.value}; retry shortly.", retry_after=ENGINE_RETRY_AFTER
-        )
+        """What a client is told while the engine is not serving: why, and whether to retry."""
+        reason = self.engine.reason
+        if state in (EngineState.STARTING, EngineState.RESTARTING):
+            return EngineUnavailable(
+                f"The engine is not serving yet: {reason}. Retry shortly.",
+                retry_after=ENGINE_RETRY_AFTER,
+            )
+        return EngineUnavailable(f"The engine is not serving: {reason}.")
 
     def served_model(self) -> ServedModel:
         model = self.engine.model
@@ -135,30 +147,33 @@ class Gateway:
             schema = _SCHEMAS.get(endpoint)
             if schema is not None:
                 validate(schema, body)
-            if endpoint.generates:
+            if endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS):
                 check_stream_options(body)
             served = self.served_model()
             exchange.model = body["model"] = resolve_model(
                 body.get("model"), served, self.settings.model_aliases, key
             )
-            if endpoint is Endpoint.CHAT:
-                apply_chat_shims(body)
-            wants_usage = ask_for_usage(body) if stream else False
+            check_engine_can(endpoint, body, served)
+            apply_shims(endpoint, body, served)
+            # Responses streams carry their usage in `response.completed` whatever is asked.
+            wants_usage = (
+                ask_for_usage(body) if stream and endpoint is not Endpoint.RESPONSES else False
+            )
             lease = self.limiter.acquire(key)
             exchange.resources.callback(lambda: lease.release(exchange.total_tokens))
             if not stream:
                 return await unless_disconnected(request, self._call(exchange, served, body))
             upstream = await unless_disconnected(request, self._open(exchange, served, body))
             if upstream.status_code != 200:
-                return await self._engine_refused(upstream, exchange)
+                return await self._engine_refused(upstream, exchange, body)
             relay = StreamRelay(
                 upstream,
                 exchange,
                 counter=self.counter,
                 body=body,
                 client_wants_usage=wants_usage,
-                engine_reports_usage=served.stream_usage,
                 idle_timeout=self.settings.read_timeout,
+                max_event_bytes=int(self.settings.max_event_bytes),
             )
             return RelayResponse(relay, exchange, ping_seconds=self.settings.keepalive_seconds)
 
@@ -188,17 +203,22 @@ class Gateway:
         """A request answered with one JSON document."""
         upstream = await self._open(exchange, served, body)
         if upstream.status_code != 200:
-            return await self._engine_refused(upstream, exchange)
+            return await self._engine_refused(upstream, exchange, body)
         raw = await _read_all(upstream)
         try:
-            exchange.record_usage(json.loads(raw).get("usage"))
-        except (ValueError, AttributeError):
-            pass
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict):
+            raise UpstreamError("The engine answered with something that is not a JSON object.")
+        exchange.record_usage(answer.get("usage"))
         exchange.finish(200)
         return Response(raw, media_type="application/json")
 
-    async def _engine_refused(self, upstream: httpx.Response, exchange: Exchange) -> Response:
-        status, body = engine_error(upstream.status_code, await _read_all(upstream))
+    async def _engine_refused(
+        self, upstream: httpx.Response, exchange: Exchange, request: dict[str, Any]
+    ) -> Response:
+        status, body = engine_error(upstream.status_code, await _read_all(upstream), request)
         exchange.finish(status)
         return JSONResponse(body, status_code=status)
 

@@ -79,6 +79,8 @@ class GatewaySettings(BaseSettings):
     """Requests that may wait for a slot; beyond that, 429 with Retry-After."""
     queue_timeout: float = Field(60.0, ge=0)
     """Seconds a request may wait in the queue before 429."""
+    max_event_bytes: ByteSize = Field(ByteSize(1024 * 1024), ge=1024)
+    """Longest SSE event the gateway relays; an engine that sends a longer one is cut off."""
     keepalive_seconds: float = Field(10.0, ge=0)
     """Seconds between SSE keep-alive comments while the engine is silent; 0: none."""
     drain_seconds: float = Field(30.0, ge=0)

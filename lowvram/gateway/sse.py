@@ -29,13 +29,15 @@ class EventBuffer:
     def feed(self, received: bytes) -> tuple[bytes, list[tuple[int, int]]]:
         """Add a read; return the buffer and the `(start, end)` of each complete event in it.
 
-        `end` excludes the blank line; `buffer[end:end + 2]` is `\\n\\n`.
+        `end` excludes the blank line; `buffer[end:end + 2]` is `\\n\\n`. What was held
+        is not searched again (a stream of bytes with no blank line costs its length once).
         """
-        chunk = self._pending + received if self._pending else received
-        if b"\r" in chunk:
+        held = len(self._pending)
+        chunk = self._pending + received if held else received
+        if b"\r" in received or chunk[held - 1 : held] == b"\r":
             chunk = chunk.replace(b"\r\n", b"\n")
         spans = []
-        start, end = 0, chunk.find(b"\n\n")
+        start, end = 0, chunk.find(b"\n\n", max(0, held - 2))
         while end >= 0:
             spans.append((start, end))
             start, end = end + 2, chunk.find(b"\n\n", end + 2)

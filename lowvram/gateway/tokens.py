@@ -4,12 +4,15 @@ Counting costs a round trip to the engine, so the gateway first computes an uppe
 from the request's size: byte-level BPE and SentencePiece-with-byte-fallback tokenizers
 never make more tokens than UTF-8 bytes, and the JSON framing of each message outweighs the
 template tokens around it. Only when that bound does not fit the context window does the
-gateway ask the engine for the exact count.
+gateway ask the engine for the exact count, rendered with the engine's own chat template:
+
+    vLLM                 POST /tokenize {"messages": ...} or {"prompt": ...}  -> {"count"}
+    llama.cpp's server   POST /v1/chat/completions/input_tokens (a chat request),
+                         POST /v1/responses/input_tokens, POST /tokenize {"content"}
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -28,8 +31,15 @@ def _json_bytes(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False).encode())
 
 
-def chat_upper_bound(body: dict[str, Any]) -> int:
-    bound = _json_bytes(body["messages"]) + TEMPLATE_SLACK
+def upper_bound(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """No prompt of this request can be longer, in tokens, than this."""
+    if endpoint is Endpoint.COMPLETIONS:
+        return completion_upper_bound(body["prompt"])
+    if endpoint is Endpoint.RESPONSES:
+        framed = [body.get("input"), body.get("instructions")]
+    else:
+        framed = body["messages"]
+    bound = _json_bytes(framed) + TEMPLATE_SLACK
     if body.get("tools"):
         bound += _json_bytes(body["tools"]) + TOOLS_SLACK
     return bound
@@ -46,57 +56,6 @@ def completion_upper_bound(prompt: Any) -> int:
     return len(prompt)
 
 
-def render_prompt(body: dict[str, Any], template: str | None) -> str:
-    """The prompt as the engine will see it, for engines that only tokenize plain text.
-
-    With the model's chat template (llama.cpp reads it from the GGUF), the exact text;
-    without it, or if the template fails on this request, a ChatML approximation.
-    """
-    if template is not None:
-        try:
-            return str(
-                _compiled(template).render(
-                    messages=body["messages"],
-                    tools=body.get("tools"),
-                    add_generation_prompt=True,
-                    bos_token="",
-                    eos_token="",
-                )
-            )
-        except Exception:  # a template may reject what the engine would accept or fix up
-            pass
-    return render_chatml(body)
-
-
-@functools.lru_cache(maxsize=4)
-def _compiled(template: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = _raise
-    return environment.from_string(template)
-
-
-def _raise(message: str) -> None:
-    raise ValueError(message)
-
-
-def render_chatml(body: dict[str, Any]) -> str:
-    """An approximation of the prompt for engines that only tokenize plain text."""
-    parts = []
-    for message in body["messages"]:
-        content = message.get("content")
-        if not isinstance(content, str):
-            content = json.dumps(content, ensure_ascii=False) if content else ""
-        parts.append(f"<|im_start|>{message['role']}\n{content}<|im_end|>\n")
-        if message.get("tool_calls"):
-            parts.append(json.dumps(message["tool_calls"], ensure_ascii=False))
-    if body.get("tools"):
-        parts.append(json.dumps(body["tools"], ensure_ascii=False))
-    parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
-
-
 class TokenCounter:
     """Counts with the engine's own tokenizer; None where it cannot (no fitting then).
 
@@ -109,44 +68,35 @@ class TokenCounter:
         self._engine = engine
 
     async def count_prompt(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
-        if endpoint is Endpoint.CHAT:
-            return await self._count_chat(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            return await self.count_text(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return len(prompt)  # token ids count themselves
-        return None  # a batch is left to the engine
+        model = self._engine.model
+        if model is None or model.tokenizer is None:
+            return None
+        if endpoint is Endpoint.COMPLETIONS:
+            prompt = body.get("prompt")
+            if isinstance(prompt, str):
+                return await self.count_text(prompt)
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return len(prompt)  # token ids count themselves
+            return None  # a batch is left to the engine
+        if model.tokenizer == "vllm":
+            if endpoint is not Endpoint.CHAT:
+                return None  # vLLM counts chat messages and plain prompts only
+            request: dict[str, Any] = {k: body[k] for k in ("messages", "tools") if k in body}
+            request |= {"model": model.id, "add_generation_prompt": True}
+            return _int(await self._post("/tokenize", request), "count")
+        counted = {k: body[k] for k in _COUNTED if k in body} | {"model": model.id}
+        path = "/v1/responses/input_tokens" if endpoint is Endpoint.RESPONSES else _CHAT_COUNT
+        return _int(await self._post(path, counted), "input_tokens")
 
     async def count_text(self, text: str) -> int | None:
         model = self._engine.model
         if model is None or model.tokenizer is None:
             return None
         if model.tokenizer == "vllm":
-            return await self._vllm({"model": model.id, "prompt": text})
-        data = await self._post("/extras/tokenize", {"input": text})
+            return _int(await self._post("/tokenize", {"model": model.id, "prompt": text}), "count")
+        data = await self._post("/tokenize", {"content": text, "add_special": True})
         tokens = data.get("tokens") if data else None
         return len(tokens) if isinstance(tokens, list) else None
-
-    async def _count_chat(self, body: dict[str, Any]) -> int | None:
-        model = self._engine.model
-        if model is None or model.tokenizer is None:
-            return None
-        if model.tokenizer == "vllm":
-            request: dict[str, Any] = {
-                "model": model.id,
-                "messages": body["messages"],
-                "add_generation_prompt": True,
-            }
-            if body.get("tools"):
-                request["tools"] = body["tools"]
-            return await self._vllm(request)
-        return await self.count_text(render_prompt(body, model.chat_template))
-
-    async def _vllm(self, request: dict[str, Any]) -> int | None:
-        data = await self._post("/tokenize", request)
-        count = data.get("count") if data else None
-        return count if isinstance(count, int) else None
 
     async def _post(self, path: str, request: dict[str, Any]) -> dict[str, Any] | None:
         engine = self._engine
@@ -154,9 +104,16 @@ class TokenCounter:
             response = await self._client.post(
                 f"{engine.base_url}{path}", json=request, headers=auth_headers(engine.api_key)
             )
-        except httpx.HTTPError:
+            data = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
             return None
-        if response.status_code != 200:
-            return None
-        data = response.json()
         return data if isinstance(data, dict) else None
+
+
+_CHAT_COUNT = "/v1/chat/completions/input_tokens"
+_COUNTED = ("messages", "tools", "tool_choice", "input", "instructions", "chat_template_kwargs")
+
+
+def _int(data: dict[str, Any] | None, key: str) -> int | None:
+    value = data.get(key) if data else None
+    return value if isinstance(value, int) else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 from http.cookiejar import CookieJar
 from typing import Any
 
@@ -79,30 +80,59 @@ def map_transport_error(exc: httpx.HTTPError) -> APIError:
     return UpstreamError(f"The engine's connection failed: {type(exc).__name__}.")
 
 
-def engine_error(status: int, raw: bytes) -> tuple[int, dict[str, Any]]:
-    """The engine said no: keep its status and message for client errors, hide the rest.
+def engine_error(
+    status: int, raw: bytes, request: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """The engine said no: a client's mistake as a 400 (or the engine's 4xx) naming the
+    parameter, anything else as a 502; never the engine's paths or tracebacks.
 
-    A 401 from the engine is our internal key, not the client's, so it becomes a 502.
+    A 401 from the engine is about our internal key, not the client's: a 502.
     """
     try:
         data = json.loads(raw)
     except ValueError:
         data = None
-    message = None
+    message: object = None
+    error: dict[str, Any] = {}
     if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict):
-            if 400 <= status < 500 and status != 401:
-                return status, {
-                    "error": {k: error.get(k) for k in ("message", "type", "param", "code")}
-                }
-            message = error.get("message")
+        found = data.get("error")
+        if isinstance(found, dict):
+            error = found
+            message = found.get("message")
+        elif isinstance(found, str):
+            message = found
         elif isinstance(data.get("detail"), (str, list)):
-            message = str(data["detail"])  # FastAPI-style servers (llama-cpp-python)
-    message = str(message or raw[:300].decode(errors="replace") or f"HTTP {status}")
-    if status in (400, 404, 413, 422):
-        return 400, error_body(message, "invalid_request_error")
-    return 502, error_body(f"The engine failed: {message}", "server_error", None, "upstream_error")
+            message = data["detail"]  # FastAPI-style servers
+    text = clean_message(str(message or raw[:300].decode(errors="replace") or f"HTTP {status}"))
+    if 400 <= status < 500 and status != 401:
+        param = error.get("param")
+        param = param if isinstance(param, str) else _param_in(text, request)
+        code = error.get("code")
+        body = error_body(
+            text, "invalid_request_error", param, code if isinstance(code, str) else None
+        )
+        # Pydantic-style engines answer 422 where OpenAI answers 400; an engine's 404 is a
+        # route or model it does not serve, which the client reached through a route we do.
+        return (400 if status in (404, 422) else status), body
+    return 502, error_body(f"The engine failed: {text}", "server_error", None, "upstream_error")
+
+
+_PATH = re.compile(r"(?:/[\w.+-]+){2,}")
+
+
+def clean_message(message: str) -> str:
+    """An engine's message without its tracebacks or file paths, and not too long."""
+    message = message.split("Traceback (most recent call last)")[0].strip()
+    message = _PATH.sub("<path>", message)
+    return message[:500] or "no message"
+
+
+def _param_in(message: str, request: dict[str, Any] | None) -> str | None:
+    """The request's field that the engine's message names (longest names first)."""
+    for name in sorted(request or (), key=len, reverse=True):
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message):
+            return name
+    return None
 
 
 async def open_upstream(

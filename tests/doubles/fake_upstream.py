@@ -16,8 +16,10 @@ fields through untouched):
 Tokens are words: "w0 w1 w2 ...". Prompt tokens are whitespace-separated words plus 3 per
 chat message, the same rule `/tokenize` uses, so tests can predict every count.
 
-`flavor="llamacpp"` makes it look like llama-cpp-python to the gateway's probe: tokenizing at
-`/extras/tokenize` only, and no usage chunk in streams whatever `stream_options` says.
+`flavor="llamacpp"` makes it look like llama.cpp's server to the gateway's probe: `/tokenize`
+takes `content` and lists tokens, and `/v1/chat/completions/input_tokens` counts a chat
+request. `stream_usage=False` makes it ignore `stream_options.include_usage`, as some
+engines do.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class FakeUpstream:
     api_key: str | None = None
     context_length: int = 4096
     flavor: str = "vllm"
+    stream_usage: bool = True
     records: list[Record] = field(default_factory=list)
 
     def last(self, path: str = "/v1/chat/completions") -> Record:
@@ -66,9 +69,10 @@ class FakeUpstream:
                 Route("/v1/models", self.models),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
-                Route("/extras/tokenize", self.extras_tokenize, methods=["POST"]),
+                Route("/v1/chat/completions/input_tokens", self.input_tokens, methods=["POST"]),
             ]
         )
 
@@ -102,18 +106,18 @@ class FakeUpstream:
             }
         )
 
-    async def extras_tokenize(self, request: Request) -> Response:
+    async def input_tokens(self, request: Request) -> Response:
         if self.flavor != "llamacpp":
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         body = await request.json()
-        self.records.append(Record("/extras/tokenize", body, dict(request.headers)))
-        return JSONResponse({"tokens": list(range(len(str(body["input"]).split())))})
+        self.records.append(Record(request.url.path, body, dict(request.headers)))
+        return JSONResponse({"input_tokens": self.count_messages(body["messages"])})
 
     async def tokenize(self, request: Request) -> Response:
-        if self.flavor != "vllm":
-            return JSONResponse({"detail": "Not Found"}, status_code=404)
         body = await request.json()
         self.records.append(Record("/tokenize", body, dict(request.headers)))
+        if self.flavor == "llamacpp":
+            return JSONResponse({"tokens": list(range(len(str(body["content"]).split())))})
         if "messages" in body:
             count = self.count_messages(body["messages"])
         else:
@@ -131,6 +135,55 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": 2, "total_tokens": 2},
             }
         )
+
+    async def responses(self, request: Request) -> Response:
+        """The Responses API: "w0 w1 ..." as output text, usage as input/output tokens."""
+        if not self._authorized(request):
+            return JSONResponse({"error": {"message": "bad key", "type": "auth"}}, status_code=401)
+        body = await request.json()
+        record = Record(request.url.path, body, dict(request.headers))
+        self.records.append(record)
+        script = body.get("fake") or {}
+        n_tokens = min(int(script.get("tokens", 5)), int(body.get("max_output_tokens") or 10**9))
+        words = [f"w{i}" if i == 0 else f" w{i}" for i in range(n_tokens)]
+        prompt = body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
+        usage = {"input_tokens": len(prompt.split()), "output_tokens": n_tokens}
+        usage["total_tokens"] = usage["input_tokens"] + n_tokens
+        response = {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": MODEL,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_fake",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "".join(words), "annotations": []}],
+                }
+            ],
+            "usage": usage,
+        }
+        if not body.get("stream"):
+            record.finished = True
+            return JSONResponse(response)
+
+        async def events() -> Any:
+            created = response | {"status": "in_progress", "output": [], "usage": None}
+            yield _event("response.created", {"response": created})
+            for number, word in enumerate(words):
+                if number == script.get("drop_after"):
+                    raise ConnectionAbortedError("scripted crash")
+                delta = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+                yield _event("response.output_text.delta", delta | {"delta": word})
+                record.chunks_sent += 1
+                await asyncio.sleep(float(script.get("delay", 0)))
+            yield _event("response.completed", {"response": response})
+            record.finished = True
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
@@ -200,7 +253,7 @@ class FakeUpstream:
                     "usage": usage,
                 }
             )
-        include_usage = self.flavor == "vllm" and bool(
+        include_usage = self.stream_usage and bool(
             (body.get("stream_options") or {}).get("include_usage")
         )
         if tool_call is not None:
@@ -302,6 +355,11 @@ class FakeUpstream:
         if include_usage:
             yield f"data: {json.dumps(head | {'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+
+def _event(kind: str, data: dict[str, Any]) -> bytes:
+    """A typed Responses API event, as OpenAI and llama.cpp's server write them."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind} | data)}\n\n".encode()
 
 
 _SAMPLE = {"string": "Paris", "integer": 42, "number": 1.5, "boolean": True}

@@ -124,7 +124,10 @@ def test_gateway_answers_503_with_retry_after_when_the_engine_is_not_ready(
     with serve(create_app(settings, nothing_listens)) as gateway:
         ready = httpx.get(gateway + "/ready")
         assert ready.status_code == 503 and ready.headers["Retry-After"]
-        assert ready.json() == {"status": "not ready"}
+        assert ready.json() == {
+            "status": "starting",
+            "reason": "the upstream server is not answering yet",
+        }
         response = httpx.post(gateway + "/v1/chat/completions", json=SLOW, headers=auth)
         assert_openai_error(response, 503, "engine_unavailable")
         assert int(response.headers["Retry-After"]) >= 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -11,6 +13,7 @@ from pydantic import BaseModel
 
 from tests.conftest import CLIENT_KEY
 from tests.doubles.fake_upstream import FakeUpstream
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 Fake = tuple[FakeUpstream, str]
@@ -138,3 +141,65 @@ def test_langchain_structured_output(gateway: str) -> None:
 
     structured = chat_model(gateway).with_structured_output(Answer, method="function_calling")
     assert structured.invoke("biggest city?") == Answer(city="Paris", population=42)
+
+
+def test_sdk_responses_plain_and_streaming_are_accounted(
+    sdk: Callable[..., openai.OpenAI], fake: Fake, tmp_path: Path
+) -> None:
+    client = sdk()
+    response = client.responses.create(
+        model="default", input="hello there", extra_body={"fake": {"tokens": 3}}
+    )
+    assert response.output_text == "w0 w1 w2"
+    assert response.usage is not None and response.usage.output_tokens == 3
+    assert fake[0].last("/v1/responses").body["max_output_tokens"] == 1024  # the default
+    events = list(
+        client.responses.create(
+            model="default", input="hello there", stream=True, extra_body={"fake": {"tokens": 4}}
+        )
+    )
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "w0 w1 w2 w3" and events[-1].type == "response.completed"
+    rows = wait_for_usage(tmp_path / "gateway.sqlite3", 2)
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("responses", 2, 3, 200),
+        ("responses", 2, 4, 200),
+    ]
+
+
+def test_sdk_responses_stream_cut_by_the_engine_raises(
+    sdk: Callable[..., openai.OpenAI],
+) -> None:
+    with pytest.raises(openai.APIError, match="The engine"):
+        list(
+            sdk().responses.create(
+                model="default",
+                input="hello",
+                stream=True,
+                extra_body={"fake": {"tokens": 5, "drop_after": 2}},
+            )
+        )
+
+
+def test_sdk_retrieves_the_default_model(sdk: Callable[..., openai.OpenAI]) -> None:
+    client = sdk()
+    assert client.models.retrieve("default").id == "default"
+    assert client.models.retrieve("fake-model").id == "fake-model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-nope")
+
+
+def wait_for_usage(db: Path, n: int) -> list[tuple[object, ...]]:
+    """The usage rows, once the background writer has written n of them."""
+    rows: list[tuple[object, ...]] = []
+
+    def written() -> bool:
+        nonlocal rows
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute(
+                "SELECT endpoint, prompt_tokens, completion_tokens, status FROM usage ORDER BY id"
+            ).fetchall()
+        return len(rows) >= n
+
+    wait_for(written, 10, f"{n} usage rows")
+    return rows

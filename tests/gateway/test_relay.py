@@ -79,15 +79,14 @@ def test_usage_chunk_reaches_clients_that_ask(gateway: str, auth: dict[str, str]
 def test_usage_is_counted_for_engines_that_do_not_report_it(
     make_gateway: GatewayFactory, auth: dict[str, str], fake: Fake
 ) -> None:
-    fake[0].flavor = "llamacpp"  # ignores include_usage, tokenizes plain text only
+    fake[0].stream_usage = False  # ignores include_usage
     gateway = make_gateway()
     response = stream(gateway, auth, fake={"tokens": 4}, stream_options={"include_usage": True})
     last = json.loads(data_of(response)[-2])
     assert last["choices"] == [] and last["id"] == "chatcmpl-fake"
-    # The prompt is rendered as ChatML and tokenized by the engine (4 words to the fake):
-    # "<|im_start|>user", "hello", "there<|im_end|>", "<|im_start|>assistant";
-    # the completion "w0 w1 w2 w3" is 4 words.
-    assert last["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    # The prompt is counted by the engine's tokenizer ("hello there": 2 words + 3 for the
+    # message, to the fake), the completion a token per chunk (4 chunks).
+    assert last["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(
@@ -118,7 +117,9 @@ def test_engine_error_mid_stream_reaches_the_client_as_an_sse_error(
 ) -> None:
     response = stream(gateway, auth, fake={"tokens": 5, "error_after": 2})
     data = data_of(response)
-    assert json.loads(data[-2])["error"]["message"] == "scripted failure"
+    error = json.loads(data[-2])["error"]
+    assert error["message"] == "The engine failed: scripted failure"
+    assert (error["type"], error["code"]) == ("server_error", "upstream_error")
     assert data[-1] == "[DONE]" and len(data) == 4
 
 

@@ -8,7 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
+from lowvram.engine.handle import ServedModel
+from lowvram.gateway.errors import BadRequest
+from lowvram.gateway.exchange import Endpoint
 from lowvram.gateway.keystore import KeyStore
+from lowvram.gateway.rewrite import apply_shims, check_engine_can
 from tests.conftest import GatewayFactory
 from tests.doubles.fake_upstream import FakeUpstream
 from tests.helpers import assert_openai_error
@@ -201,3 +205,118 @@ def test_body_over_the_limit_gets_413(make_gateway: GatewayFactory, auth: dict[s
 
     streamed = httpx.post(gateway + "/v1/chat/completions", content=chunked(), headers=auth)
     assert_openai_error(streamed, 413)
+
+
+# --- what an engine cannot do, and the shims that speak its dialect (no server) -----------
+
+LLAMACPP = ServedModel(
+    "m",
+    4096,
+    max_choices=4,
+    accepts_images=False,
+    serves_embeddings=False,
+    named_tool_choice=False,
+    seed_needs_fresh_prompt=True,
+    tool_call_opener="<tool_call>\n",
+)
+UNKNOWN = ServedModel("m", 4096)
+TOOLS = [
+    {"type": "function", "function": {"name": "a", "parameters": {}}},
+    {"type": "function", "function": {"name": "b", "parameters": {}}},
+]
+
+
+def chat_body(**fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": "hi"}]} | fields
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param", "code"),
+    [
+        (Endpoint.CHAT, chat_body(n=5), "n", None),
+        (Endpoint.EMBEDDINGS, {"input": "x"}, "model", "model_not_supported"),
+        (
+            Endpoint.CHAT,
+            chat_body(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "x"}, {"type": "image_url"}],
+                    }
+                ]
+            ),
+            "messages.[0].content.[1]",
+            "image_input_not_supported",
+        ),
+        (
+            Endpoint.RESPONSES,
+            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            "input.[0].content.[0]",
+            "image_input_not_supported",
+        ),
+    ],
+)
+def test_what_the_engine_cannot_do_is_a_400_naming_the_param(
+    endpoint: Endpoint, body: dict[str, Any], param: str, code: str | None
+) -> None:
+    with pytest.raises(BadRequest) as refused:
+        check_engine_can(endpoint, body, LLAMACPP)
+    assert refused.value.param == param and refused.value.code == code
+    check_engine_can(endpoint, body, UNKNOWN)  # an engine we know nothing of decides itself
+
+
+def test_n_up_to_the_engine_limit_passes() -> None:
+    check_engine_can(Endpoint.CHAT, chat_body(n=4), LLAMACPP)
+
+
+def test_a_named_tool_choice_becomes_required_with_only_that_tool() -> None:
+    choice = {"type": "function", "function": {"name": "b"}}
+    body = chat_body(tools=TOOLS, tool_choice=choice)
+    apply_shims(Endpoint.CHAT, body, LLAMACPP)
+    assert body["tool_choice"] == "required" and body["tools"] == TOOLS[1:]
+    assert body["messages"][-1] == {"role": "assistant", "content": "<tool_call>\n"}
+    untouched = chat_body(tools=TOOLS, tool_choice=choice)
+    apply_shims(Endpoint.CHAT, untouched, UNKNOWN)
+    assert untouched["tool_choice"] == choice and untouched["tools"] == TOOLS
+
+
+def test_a_named_tool_that_is_not_offered_is_a_400() -> None:
+    body = chat_body(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "c"}})
+    with pytest.raises(BadRequest) as refused:
+        apply_shims(Endpoint.CHAT, body, LLAMACPP)
+    assert refused.value.param == "tool_choice"
+
+
+def test_a_required_call_is_opened_for_the_model_but_auto_is_not() -> None:
+    required = chat_body(tools=TOOLS, tool_choice="required")
+    apply_shims(Endpoint.CHAT, required, LLAMACPP)
+    assert required["messages"][-1]["role"] == "assistant"
+    auto = chat_body(tools=TOOLS, tool_choice="auto")
+    apply_shims(Endpoint.CHAT, auto, LLAMACPP)
+    assert len(auto["messages"]) == 1
+
+
+def test_a_seed_asks_llama_cpp_to_recompute_the_prompt() -> None:
+    seeded = chat_body(seed=7)
+    apply_shims(Endpoint.CHAT, seeded, LLAMACPP)
+    assert seeded["cache_prompt"] is False
+    chosen = chat_body(seed=7, cache_prompt=True)
+    apply_shims(Endpoint.CHAT, chosen, LLAMACPP)
+    assert chosen["cache_prompt"] is True  # the client's own choice stands
+    elsewhere = chat_body(seed=7)
+    apply_shims(Endpoint.CHAT, elsewhere, UNKNOWN)
+    assert "cache_prompt" not in elsewhere
+
+
+def test_a_llama_cpp_upstream_is_detected_and_its_tool_choice_narrowed(
+    make_gateway: GatewayFactory, auth: dict[str, str], fake: Fake
+) -> None:
+    fake[0].flavor = "llamacpp"
+    gateway = make_gateway()
+    body = chat_body(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "a"}})
+    response = httpx.post(gateway + "/v1/chat/completions", json=body, headers=auth)
+    assert response.status_code == 200, response.text
+    sent = fake[0].last().body
+    assert sent["tool_choice"] == "required" and [t["function"]["name"] for t in sent["tools"]] == [
+        "a"
+    ]

@@ -55,45 +55,50 @@ class Engine(StateMixin):
     base_url = "http://engine"
     api_key = None
 
-    def __init__(self, stream_usage: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self._set_state(EngineState.READY)
-        self.model = ServedModel("m", 4096, tokenizer="llamacpp", stream_usage=stream_usage)
+        self.model = ServedModel("m", 4096, tokenizer="llamacpp")
 
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
 
-def words(request: httpx.Request) -> httpx.Response:
-    text = json.loads(request.content)["input"]
-    return httpx.Response(200, json={"tokens": text.split()})
+def count_words(request: httpx.Request) -> httpx.Response:
+    """llama.cpp's server's counting endpoints, counting words (a test double)."""
+    body = json.loads(request.content)
+    words = " ".join(str(m["content"]) for m in body["messages"]).split()
+    return httpx.Response(200, json={"input_tokens": len(words)})
 
 
 async def relay(
     reads: Sequence[bytes],
     *,
     wants_usage: bool = False,
-    stream_usage: bool = True,
     idle_timeout: float = 10,
     pause: float = 0.0,
+    endpoint: Endpoint = Endpoint.CHAT,
+    max_event_bytes: int = 1 << 20,
+    batches: list[bytes] | None = None,
 ) -> tuple[list[bytes], Exchange]:
-    """Run one relay over the reads; return what the client got, event by event."""
+    """Run one relay over the reads; return what the client got, event by event (and each
+    piece sent, in `batches`)."""
     exchange = Exchange(
         request_id="r1",
         key=KeyRecord("k"),
-        endpoint=Endpoint.CHAT,
+        endpoint=endpoint,
         stream=True,
         metrics=Metrics(),
         usage_log=None,
     )
 
     def engine_answer(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/extras/tokenize":
-            return words(request)
+        if request.url.path == "/v1/chat/completions/input_tokens":
+            return count_words(request)
         return httpx.Response(200, stream=Reads(reads, pause))
 
-    engine = Engine(stream_usage)
+    engine = Engine()
     async with httpx.AsyncClient(transport=httpx.MockTransport(engine_answer)) as client:
         upstream = await client.send(client.build_request("POST", "http://engine/x"), stream=True)
         body = {"messages": [{"role": "user", "content": "one two three"}]}
@@ -103,10 +108,13 @@ async def relay(
             counter=TokenCounter(client, engine),
             body=body,
             client_wants_usage=wants_usage,
-            engine_reports_usage=stream_usage,
             idle_timeout=idle_timeout,
+            max_event_bytes=max_event_bytes,
         )
-        sent = b"".join([piece async for piece in stream.events()])
+        pieces = [piece async for piece in stream.batches()]
+        if batches is not None:
+            batches.extend(pieces)
+        sent = b"".join(pieces)
     return [event + b"\n\n" for event in sent.split(b"\n\n") if event], exchange
 
 
@@ -172,11 +180,37 @@ async def test_a_silent_engine_is_cut_by_the_idle_timer() -> None:
 
 async def test_usage_is_counted_for_engines_that_do_not_report_it() -> None:
     reads = [chunk("four five"), chunk(" six"), DONE]
-    events, exchange = await relay(reads, wants_usage=True, stream_usage=False)
+    events, exchange = await relay(reads, wants_usage=True)
     usage = json.loads(events[-2][6:])["usage"]
-    assert usage["completion_tokens"] == 3  # "four five six": the word-counting tokenizer
-    assert usage["prompt_tokens"] == exchange.prompt_tokens and usage["prompt_tokens"] > 3
+    assert usage["prompt_tokens"] == 3  # "one two three", by the engine's (word) counter
+    assert usage["completion_tokens"] == 2  # a token per chunk
+    assert events[-2].startswith(b'data: {"id": "c1", "object": "chat.completion.chunk"')
+    assert exchange.total_tokens == 5
     assert events[:2] == reads[:2] and events[-1] == DONE
+
+
+RESPONSE_EVENTS = [
+    b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n',
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    b'"delta":"Pa"}\n\n',
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    b'"delta":"ris"}\n\n',
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r",'
+    b'"status":"completed","usage":{"input_tokens":9,"output_tokens":2,"total_tokens":11}}}\n\n',
+]
+
+
+async def test_responses_events_pass_whole_and_end_without_done() -> None:
+    events, exchange = await relay(RESPONSE_EVENTS, endpoint=Endpoint.RESPONSES)
+    assert events == RESPONSE_EVENTS  # event lines kept, no [DONE] added
+    assert (exchange.prompt_tokens, exchange.completion_tokens, exchange.chunks) == (9, 2, 2)
+
+
+async def test_a_responses_stream_cut_short_ends_with_an_error_event() -> None:
+    events, exchange = await relay(RESPONSE_EVENTS[:2], endpoint=Endpoint.RESPONSES)
+    assert events[:2] == RESPONSE_EVENTS[:2] and DONE not in events
+    assert json.loads(events[-1][6:])["error"]["code"] == "upstream_error"
+    assert exchange.status == 502
 
 
 def test_event_buffer_keeps_the_incomplete_tail() -> None:
@@ -190,3 +224,50 @@ def test_event_buffer_keeps_the_incomplete_tail() -> None:
 def test_data_of_joins_data_lines_and_ignores_the_rest() -> None:
     assert data_of(b"event: x\ndata: a\ndata:b\nid: 3") == b"a\nb"
     assert data_of(b": comment") is None
+
+
+async def test_all_events_of_one_read_go_out_as_that_read() -> None:
+    read = chunk("a") + chunk("b") + chunk("c")
+    sent: list[bytes] = []
+    events, _ = await relay([read, DONE], batches=sent)
+    assert sent[0] is read  # one send for the read, and not a copy of it
+    assert events == [chunk("a"), chunk("b"), chunk("c"), DONE]
+
+
+async def test_a_dropped_event_in_a_read_keeps_the_others_in_order() -> None:
+    usage = chunk("", usage=USAGE, choices=[])
+    sent: list[bytes] = []
+    await relay([chunk("a") + usage + chunk("b"), DONE], batches=sent)
+    assert sent[0] == chunk("a") + chunk("b")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"data: <html>oops</html>\n\n",
+        b"data: \xff\xfe\x00garbage\n\n",
+        b'data: {"id": "x", "usage": {"prompt_tokens": 1, oops}\n\n',
+    ],
+)
+async def test_engine_garbage_mid_stream_is_an_error_event_and_done(bad: bytes) -> None:
+    events, exchange = await relay([chunk("a"), bad, chunk("b"), DONE])
+    assert events[0] == chunk("a") and events[-1] == DONE and len(events) == 3
+    error = json.loads(events[1][6:])["error"]
+    assert error["code"] == "upstream_error" and "JSON" in error["message"]
+    assert exchange.status == 502
+
+
+async def test_an_endless_event_is_cut_at_the_bound() -> None:
+    endless = [b"data: {" + b"x" * 4096 for _ in range(100)]
+    events, exchange = await relay(endless, max_event_bytes=64 * 1024)
+    assert events[-1] == DONE
+    assert "over 65536 bytes" in json.loads(events[-2][6:])["error"]["message"]
+    assert exchange.status == 502
+
+
+async def test_an_engine_error_event_is_cleaned_of_paths() -> None:
+    raw = b'data: {"error": {"message": "failed at /opt/llama/x.cpp:12", "code": 500}}\n\n'
+    events, exchange = await relay([chunk("a"), raw, DONE])
+    error = json.loads(events[1][6:])["error"]
+    assert "/opt" not in error["message"] and error["code"] == "upstream_error"
+    assert exchange.status == 502

@@ -17,9 +17,9 @@ ENGINE_SAID = json.dumps(
 @pytest.mark.parametrize(
     ("status", "raw", "expected_status", "expected_type", "message_has"),
     [
-        # A client error the engine explains in OpenAI's shape keeps its status and words.
-        (400, ENGINE_SAID, 400, "BadRequestError", "bad top_k"),
-        (422, ENGINE_SAID, 422, "BadRequestError", "bad top_k"),
+        # A client error the engine explains in OpenAI's shape keeps its words; 422 is 400.
+        (400, ENGINE_SAID, 400, "invalid_request_error", "bad top_k"),
+        (422, ENGINE_SAID, 400, "invalid_request_error", "bad top_k"),
         # FastAPI-style {"detail": ...} and plain text become a 400 with the engine's words.
         (
             422,
@@ -64,3 +64,31 @@ def test_engine_refusals(
 def test_transport_failures(error: httpx.HTTPError, status: int, code: str) -> None:
     mapped = map_transport_error(error)
     assert (mapped.status_code, mapped.code) == (status, code)
+
+
+def test_an_engine_validation_error_names_the_parameter_it_mentions() -> None:
+    raw = json.dumps(
+        {
+            "error": {
+                "message": "1 validation error for ChatCompletionRequest\nlogit_bias\n  Input "
+                "should be a valid dictionary",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }
+        }
+    ).encode()
+    request = {"model": "m", "messages": [], "logit_bias": 3, "bias": 1}
+    status, body = engine_error(400, raw, request)
+    assert status == 400 and body["error"]["param"] == "logit_bias"
+
+
+def test_engine_internals_never_reach_the_client() -> None:
+    raw = (
+        b'{"error": {"message": "failed to open /root/.local/share/lowvram/models/m.gguf\n'
+        b'Traceback (most recent call last):\n  File \\"/usr/lib/x.py\\""}}'
+    )
+    for status in (400, 500):
+        _, body = engine_error(status, raw)
+        message = body["error"]["message"]
+        assert "/root" not in message and "Traceback" not in message and "<path>" in message

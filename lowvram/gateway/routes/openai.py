@@ -37,6 +37,11 @@ async def completions(request: Request, key: ClientKey) -> Response:
     return await _handle(request, key, Endpoint.COMPLETIONS)
 
 
+@router.post("/v1/responses")
+async def responses(request: Request, key: ClientKey) -> Response:
+    return await _handle(request, key, Endpoint.RESPONSES)
+
+
 @router.post("/v1/embeddings")
 async def embeddings(request: Request, key: ClientKey) -> Response:
     return await _handle(request, key, Endpoint.EMBEDDINGS)
@@ -68,7 +73,9 @@ async def list_models(request: Request, key: ClientKey) -> dict[str, Any]:
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, key: ClientKey) -> dict[str, Any]:
+    """The served model by its id, an alias, or "default" (which always names it)."""
     gateway = _gateway(request)
-    if model_id not in gateway.model_ids(key):
+    names = gateway.model_ids(key)
+    if model_id not in names and not (model_id == "default" and names):
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
     return _model_card(model_id, gateway.served_model().context_length)

@@ -22,15 +22,17 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    """200 when a request would reach a ready engine; otherwise 503 with Retry-After."""
-    gateway: Gateway = request.app.state.gateway
-    if gateway.engine.state is EngineState.READY:
+    """200 when a request would reach a ready engine; otherwise 503 with the reason.
+
+    The reason is the engine handle's client-facing one: what, never paths or logs.
+    """
+    engine = request.app.state.gateway.engine
+    if engine.state is EngineState.READY:
         return JSONResponse({"status": "ready"})
-    return JSONResponse(
-        {"status": "not ready"},
-        status_code=503,
-        headers={"Retry-After": str(int(ENGINE_RETRY_AFTER))},
-    )
+    body = {"status": engine.state.value, "reason": engine.reason}
+    retry = engine.state in (EngineState.STARTING, EngineState.RESTARTING)
+    headers = {"Retry-After": str(int(ENGINE_RETRY_AFTER))} if retry else {}
+    return JSONResponse(body, status_code=503, headers=headers)
 
 
 @router.get("/metrics", dependencies=[AdminKey])
