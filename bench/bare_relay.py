@@ -1,6 +1,6 @@
 """The floor for the benchmark: uvicorn + aiohttp passing bytes through, and nothing else.
 
-    python bench/bare_relay.py PORT UPSTREAM_URL
+    python -m bench.bare_relay PORT UPSTREAM_URL
 
 No auth, no parsing, no accounting, no timeouts: what any Python relay on uvicorn pays per
 chunk on this machine, so that the gateway's own cost can be read off beside it.

@@ -84,6 +84,9 @@ def test_vllm_without_a_gpu_is_one_line(tmp_path: Path) -> None:
         ({"GATEWAY_LOG_LEVEL": "verbose"}, ("GATEWAY_LOG_LEVEL='verbose'", "debug")),
         ({"ENGINE_VRAM": "lots"}, ("ENGINE_VRAM='lots'",)),
         ({"GATEWAY_DB_PATH": "/proc/no/such/dir/keys.sqlite3"}, ("key database", "GATEWAY_DB")),
+        ({"GATEWAY_UPSTREAM_URL": "not-a-url"}, ("GATEWAY_UPSTREAM_URL='not-a-url'", "http(s)")),
+        ({"GATEWAY_UPSTREAM_URL": "ftp://x"}, ("GATEWAY_UPSTREAM_URL='ftp://x'",)),
+        ({"GATEWAY_UPSTREAM_URL": "http://h:99999"}, ("port",)),
     ],
 )
 def test_a_bad_setting_is_one_line(

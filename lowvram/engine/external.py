@@ -65,6 +65,8 @@ class ExternalEngine(StateMixin):
                 await asyncio.sleep(self._poll_interval)
 
     async def _probe_once(self, client: httpx.AsyncClient) -> None:
+        """One look at the upstream. Whatever goes wrong is logged and makes it not ready
+        until a valid answer comes: this task must outlive any answer it gets."""
         try:
             model = await probe_served_model(
                 client,
@@ -73,9 +75,12 @@ class ExternalEngine(StateMixin):
                 context_length=self._context_length,
                 known=self._model,
             )
-        except ProbeError as exc:
+        except Exception as exc:  # a ProbeError, or an answer no one foresaw
+            if not isinstance(exc, ProbeError):
+                logger.exception("probing the upstream failed")
+                exc = ProbeError(f"{self._base_url} answered unexpectedly ({type(exc).__name__})")
             was_ready = self._model is not None
-            if self.state is EngineState.READY:
+            if str(exc) != self.detail:  # once per new reason, not every poll
                 logger.warning("upstream not ready: %s", exc)
             if was_ready:
                 self._set_state(

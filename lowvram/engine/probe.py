@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -65,22 +66,38 @@ async def probe_served_model(
 ) -> ServedModel:
     """Facts for an engine we do not manage; `context_length` fills in what it won't say.
 
-    The tokenizer is detected once per model: `known` is what the last probe found.
+    What the engine is is detected once per model: `known` is what the last probe found.
     """
     models = await list_models(client, base_url, api_key)
-    if not models:
-        raise ProbeError(f"{base_url}/v1/models lists no model")
-    first = models[0]
-    model_id = str(first["id"])
+    first = models[0] if isinstance(models, list) and models else None
+    if not isinstance(first, dict) or not isinstance(first.get("id"), str) or not first["id"]:
+        raise ProbeError(f"{base_url}/v1/models lists no model with an id")
+    model_id = first["id"]
     if known is not None and known.id == model_id:
-        tokenizer = known.tokenizer
-    else:
-        tokenizer = await detect_tokenizer(client, base_url, api_key, model_id)
-    reported = first.get("max_model_len")
+        return replace(known, context_length=_context(first, known.context_length))
+    tokenizer = await detect_tokenizer(client, base_url, api_key, model_id)
+    slots = await _slots(client, base_url, api_key) if tokenizer == "llamacpp" else None
     return ServedModel(
         id=model_id,
-        context_length=reported if isinstance(reported, int) else context_length,
+        context_length=_context(first, context_length),
+        max_batch=slots,
+        max_choices=slots,
         tokenizer=tokenizer,
         # llama.cpp's server treats a named tool_choice as "auto"; vLLM honours it.
         named_tool_choice=tokenizer != "llamacpp",
     )
+
+
+def _context(card: dict[str, Any], fallback: int | None) -> int | None:
+    reported = card.get("max_model_len")
+    return reported if isinstance(reported, int) and reported > 0 else fallback
+
+
+async def _slots(client: httpx.AsyncClient, base_url: str, api_key: str | None) -> int | None:
+    """llama.cpp's server says how many sequences it runs at once (`/props`)."""
+    try:
+        response = await client.get(f"{base_url}/props", headers=auth_headers(api_key))
+        slots = response.json().get("total_slots") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return slots if isinstance(slots, int) and slots > 0 else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import secrets
 import sqlite3
@@ -90,7 +91,13 @@ class UsageRecord:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Open the database, created readable by its owner only: it holds key hashes and who
+    asked what. SQLite gives the -wal and -shm files the database file's permissions."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    stat = path.stat()
+    if stat.st_mode & 0o077 and stat.st_uid == os.getuid():
+        path.chmod(0o600)  # made readable by others by an older version
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     # WAL with NORMAL sync survives a crash of the process, not of the machine; a fsync per
@@ -120,7 +127,15 @@ class KeyStore:
         tpm: int | None = None,
         max_concurrency: int | None = None,
     ) -> str:
-        """Store a new key and return it; this is the only time it exists in plain text."""
+        """Store a new key and return it; this is the only time it exists in plain text.
+
+        A limit is a positive number or none at all: 0 would block the key forever.
+        """
+        for limit, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", max_concurrency)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{limit} must be at least 1 (leave it out for no limit)")
+        if not name.strip():
+            raise ValueError("a key needs a name")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         try:
             self._conn.execute(

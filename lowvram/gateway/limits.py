@@ -63,9 +63,11 @@ class KeyLimiter:
                 retry_after=1,
             )
         if key.rpm is not None and len(state.requests) >= key.rpm:
+            # A key stored with rpm 0 (older versions let one be made) never frees up.
+            oldest = state.requests[0] if state.requests else now
             raise RateLimited(
                 f"Rate limit reached for key '{key.name}': {key.rpm} requests per minute.",
-                retry_after=state.requests[0] + WINDOW - now,
+                retry_after=oldest + WINDOW - now,
             )
         if key.tpm is not None and state.token_sum >= key.tpm:
             raise RateLimited(

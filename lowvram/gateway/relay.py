@@ -36,7 +36,7 @@ from lowvram.gateway.errors import (
     sse_error_event,
 )
 from lowvram.gateway.exchange import CLIENT_CLOSED, Endpoint, Exchange
-from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of, is_plain
+from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of
 from lowvram.gateway.tokens import TokenCounter
 from lowvram.gateway.upstream import clean_message, map_transport_error
 
@@ -75,6 +75,9 @@ class IdleTimer:
 
 class _Garbage(Exception):
     """The engine sent something that is not what its protocol allows."""
+
+    before = b""
+    """The events of the same read that came before it, still owed to the client."""
 
 
 class StreamRelay:
@@ -139,7 +142,7 @@ class StreamRelay:
         except httpx.HTTPError as exc:
             yield self._end(self._idle_error() if self._timed_out else map_transport_error(exc))
         except _Garbage as exc:
-            yield self._end(UpstreamError(str(exc)))
+            yield exc.before + self._end(UpstreamError(str(exc)))
         finally:
             timer.cancel()
             await self.close()
@@ -149,9 +152,17 @@ class StreamRelay:
         self, chunk: bytes, spans: list[tuple[int, int]], on_event: Callable[[bytes], object]
     ) -> bytes:
         """Every complete event of one read; the read itself when all pass unchanged."""
+        last = spans[-1][1] + 2
+        if self._only_tokens(chunk, spans):
+            self._exchange.chunks += len(spans)
+            return chunk if last == len(chunk) else chunk[:last]
         pieces: list[bytes] | None = None
         for i, (start, end) in enumerate(spans):
-            out = on_event(chunk[start:end])
+            try:
+                out = on_event(chunk[start:end])
+            except _Garbage as exc:
+                exc.before = b"".join(pieces) if pieces is not None else chunk[:start]
+                raise
             if out is PASS:
                 if pieces is not None:
                     pieces.append(chunk[start : end + 2])
@@ -162,8 +173,29 @@ class StreamRelay:
                 pieces.append(out)
         if pieces is not None:
             return b"".join(pieces)
-        last = spans[-1][1] + 2
         return chunk if last == len(chunk) else chunk[:last]
+
+    def _only_tokens(self, chunk: bytes, spans: list[tuple[int, int]]) -> bool:
+        """Whether the read holds only what most reads hold, token chunks that pass as they
+        are; checked with one search of the read for what is rare, and by index for each
+        event (one `data: {...}` line): no slice, no call per event. Anything else takes
+        the event-by-event path (`_on_event`)."""
+        if (
+            self._responses
+            or self._last_chunk is None
+            or b'"usage"' in chunk
+            or b"[DONE]" in chunk
+            or b'{"error"' in chunk
+        ):
+            return False
+        for start, end in spans:
+            if (
+                not chunk.startswith(b"data: {", start)
+                or chunk[end - 1] != _CLOSE
+                or chunk.find(b"\n", start, end) >= 0
+            ):
+                return False
+        return True
 
     async def _ending(self) -> bytes:
         """The stream's last bytes once the engine is done: usage we counted, `[DONE]`."""
@@ -196,8 +228,12 @@ class StreamRelay:
                 await self._upstream.aclose()
 
     def _on_event(self, event: bytes) -> object:
-        """PASS to forward the event as it came, bytes to send instead, None to drop it."""
-        plain = is_plain(event)
+        """PASS to forward the event as it came, bytes to send instead, None to drop it.
+
+        This runs for every token of every stream: each check is a byte comparison or a
+        substring search, and what is rare (usage, errors, the first chunk) comes last.
+        """
+        plain = event.startswith(b"data: ") and b"\n" not in event  # what engines write
         if not plain:
             data = data_of(event)
             if data is None:
@@ -210,7 +246,8 @@ class StreamRelay:
             raise _Garbage("The engine sent an event that is not JSON.")
         exchange = self._exchange
         exchange.chunks += 1
-        exchange.mark_first_token()
+        if exchange.chunks == 1:
+            exchange.mark_first_token()
         if b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
             return self._on_usage(event[6:])
         if event.startswith(b'data: {"error"'):

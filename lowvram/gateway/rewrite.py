@@ -7,6 +7,7 @@ not know reach the engine untouched.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -36,9 +37,28 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest(
             "We could not parse the JSON body of your request. Send a JSON object."
         ) from None
+    except RecursionError:
+        raise BadRequest("The JSON body of your request is nested too deeply.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(body)
     return body
+
+
+# A \uD800-\uDFFF escape: JSON allows one alone, UTF-8 (and every engine) does not.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """Only paired surrogates make text; a lone one cannot be sent on, or even echoed."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest(
+            "The request contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without "
+            "its pair), which is not text."
+        ) from None
 
 
 def validate(model: type[Model], body: dict[str, Any]) -> Model:
@@ -60,13 +80,15 @@ def _is_union_tag(part: int | str) -> bool:
 
 
 def resolve_model(
-    requested: str | None, served: ServedModel, aliases: dict[str, str], key: KeyRecord
+    requested: object, served: ServedModel, aliases: dict[str, str], key: KeyRecord
 ) -> str:
     """The engine's model id for what the client named; 404 for anything else.
 
     No model, or "default", means the served model: examples and clients that must name
     one work whatever the engine serves.
     """
+    if requested is not None and not isinstance(requested, str):
+        raise BadRequest("Invalid value for 'model': expected a string.", param="model")
     target = served.id if requested in (None, "", "default") else aliases.get(requested, requested)
     allowed = key_may_use(key, requested, served.id)
     if target != served.id or not allowed:

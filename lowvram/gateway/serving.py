@@ -57,8 +57,9 @@ from lowvram.gateway.upstream import (
 
 T = TypeVar("T")
 
-# In-flight bound for an engine that does not say how many sequences it batches.
-DEFAULT_MAX_INFLIGHT = 64
+# In-flight bound for an engine that does not say how many sequences it batches: vLLM's own
+# default --max-num-seqs, so that a vLLM upstream batches what it can and queues the rest.
+DEFAULT_MAX_INFLIGHT = 256
 
 _SCHEMAS: dict[Endpoint, type[BaseModel]] = {
     Endpoint.CHAT: ChatCompletionRequest,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -74,8 +75,9 @@ class GatewaySettings(BaseSettings):
 
     # --- admission and streaming -------------------------------------------------------------
     max_inflight: int | None = Field(None, ge=1)
-    """Requests at the engine at once; default: the engine's batch size."""
-    queue_size: int = Field(64, ge=0)
+    """Requests at the engine at once; default: the engine's batch size where it says
+    (managed engines, llama.cpp's server), else 256 (vLLM's own default)."""
+    queue_size: int = Field(1024, ge=0)
     """Requests that may wait for a slot; beyond that, 429 with Retry-After."""
     queue_timeout: float = Field(60.0, ge=0)
     """Seconds a request may wait in the queue before 429."""
@@ -92,6 +94,20 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value.strip())
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http(s) URL, like http://127.0.0.1:8001/v1")
+        try:
+            url.port  # noqa: B018 (parsing the port is the check)
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+        return value.strip()
 
     @field_validator("log_level", mode="before")
     @classmethod

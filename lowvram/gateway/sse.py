@@ -12,6 +12,7 @@ a `find` and no copy. `\r\n` framing and multi-line `data:` fields are handled t
 from __future__ import annotations
 
 DONE = b"data: [DONE]\n\n"
+_CR = ord("\r")
 DONE_EVENT = b"data: [DONE]"
 
 
@@ -34,7 +35,7 @@ class EventBuffer:
         """
         held = len(self._pending)
         chunk = self._pending + received if held else received
-        if b"\r" in received or chunk[held - 1 : held] == b"\r":
+        if b"\r" in received or (held and chunk[held - 1] == _CR):
             chunk = chunk.replace(b"\r\n", b"\n")
         spans = []
         start, end = 0, chunk.find(b"\n\n", max(0, held - 2))
@@ -49,8 +50,3 @@ def data_of(event: bytes) -> bytes | None:
     """The event's data (its `data:` lines joined by newlines); None for a comment-only event."""
     lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
-
-
-def is_plain(event: bytes) -> bool:
-    """One `data: ` line and nothing else: what vLLM and llama.cpp write, passed on as is."""
-    return event.startswith(b"data: ") and b"\n" not in event

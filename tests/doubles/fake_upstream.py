@@ -11,7 +11,13 @@ fields through untouched):
               "error_after": 5,      # SSE error event after 5 chunks
               "drop_after": 5,       # close the connection after 5 chunks (a crash)
               "hang": true,          # never answer
-              "status": 500}}        # refuse with this status
+              "status": 500,         # refuse with this status
+              "garbage": "html",     # answer 200 with a body that is not JSON
+              "garbage_after": 2,    # stream: a data event that is not JSON after 2 chunks
+              "endless": 1000000}}   # stream: this many bytes with no event boundary
+
+`models_answer`, when set, is what `/v1/models` answers (a broken upstream's list);
+`tokenize_garbage` makes `/tokenize` answer 200 with a body that is not JSON.
 
 Tokens are words: "w0 w1 w2 ...". Prompt tokens are whitespace-separated words plus 3 per
 chat message, the same rule `/tokenize` uses, so tests can predict every count.
@@ -58,6 +64,8 @@ class FakeUpstream:
     context_length: int = 4096
     flavor: str = "vllm"
     stream_usage: bool = True
+    models_answer: Any = None
+    tokenize_garbage: bool = False
     records: list[Record] = field(default_factory=list)
 
     def last(self, path: str = "/v1/chat/completions") -> Record:
@@ -92,6 +100,8 @@ class FakeUpstream:
     async def models(self, request: Request) -> Response:
         if not self._authorized(request):
             return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+        if self.models_answer is not None:
+            return JSONResponse(self.models_answer)
         return JSONResponse(
             {
                 "object": "list",
@@ -116,6 +126,8 @@ class FakeUpstream:
     async def tokenize(self, request: Request) -> Response:
         body = await request.json()
         self.records.append(Record("/tokenize", body, dict(request.headers)))
+        if self.tokenize_garbage:
+            return Response(b"<html>tokens</html>", media_type="application/json")
         if self.flavor == "llamacpp":
             return JSONResponse({"tokens": list(range(len(str(body["content"]).split())))})
         if "messages" in body:
@@ -202,6 +214,12 @@ class FakeUpstream:
             await sleep_unless_disconnected(request, 3600)
             record.aborted = True
             return Response(status_code=499)
+        if script.get("garbage"):
+            return Response(b"<html><body>Bad Gateway</body></html>", media_type="text/html")
+        if "endless" in script:
+            endless = int(script["endless"])
+            pieces = (b"x" * 65536 for _ in range(endless // 65536 + 1))
+            return StreamingResponse(pieces, media_type="text/event-stream")
         if "status" in script:
             return JSONResponse(
                 {
@@ -296,6 +314,8 @@ class FakeUpstream:
                 if i == script.get("drop_after"):
                     crashed = True
                     raise ConnectionAbortedError("scripted crash")
+                if i == script.get("garbage_after"):
+                    yield b"data: <html>oops</html>\n\n"
                 piece = f"w{i}" if i == 0 else f" w{i}"
                 choice = (
                     f'{{"index":0,"delta":{{"content":"{piece}"}},"finish_reason":null}}'

@@ -5,7 +5,9 @@ The engine is the test double of vLLM's server (ENGINE_COMMAND), planned for a w
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,11 +22,10 @@ from tests.helpers import FAKE_ENGINE, FIXTURES, alive, lowvram_serve, wait_for
 KEY = "lifecycle-key-0001"
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    env = {
+def serve_env(tmp_path: Path, drain_seconds: int) -> dict[str, str]:
+    return {
         "GATEWAY_API_KEYS": KEY,
-        "GATEWAY_DRAIN_SECONDS": "20",
+        "GATEWAY_DRAIN_SECONDS": str(drain_seconds),
         "ENGINE_BACKEND": "vllm",
         "ENGINE_COMMAND": " ".join(FAKE_ENGINE),
         "ENGINE_MODEL": str(FIXTURES / "qwen2.5-7b-instruct"),
@@ -33,7 +34,11 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
         "ENGINE_VRAM": "16GiB",
         "FAKE_STATE_DIR": str(tmp_path),
     }
-    with lowvram_serve(tmp_path, env, ready_timeout=60) as process:
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    with lowvram_serve(tmp_path, serve_env(tmp_path, 20), ready_timeout=60) as process:
         yield process.process, process.url, tmp_path
 
 
@@ -96,3 +101,35 @@ def test_a_killed_gateway_takes_its_engine_with_it(
     process.send_signal(signal.SIGKILL)
     process.wait(10)
     wait_for(lambda: not alive(engine), 10, "the engine to follow its parent")
+
+
+def test_a_stream_still_running_when_the_drain_time_ends_gets_an_error_and_done(
+    tmp_path: Path,
+) -> None:
+    with lowvram_serve(tmp_path, serve_env(tmp_path, 1), ready_timeout=60) as served:
+        body: dict[str, Any] = {
+            "model": "default",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "fake": {"tokens": 200, "delay": 0.05},
+        }
+        received: list[str] = []
+
+        def consume() -> None:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            url = served.url + "/v1/chat/completions"
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+                received.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+        client = threading.Thread(target=consume)
+        client.start()
+        wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+        served.process.send_signal(signal.SIGTERM)
+        client.join(30)
+        assert received[-1] == "data: [DONE]" and len(received) < 200
+        error = json.loads(received[-2][6:])["error"]
+        assert error["code"] == "gateway_shutting_down"
+        served.process.wait(30)
+    with sqlite3.connect(tmp_path / "gateway.sqlite3") as conn:
+        (status,) = conn.execute("SELECT status FROM usage WHERE endpoint = 'chat'").fetchone()
+    assert status == 503

@@ -271,3 +271,19 @@ async def test_an_engine_error_event_is_cleaned_of_paths() -> None:
     error = json.loads(events[1][6:])["error"]
     assert "/opt" not in error["message"] and error["code"] == "upstream_error"
     assert exchange.status == 502
+
+
+async def test_token_reads_after_the_first_go_out_whole_and_are_counted() -> None:
+    second = chunk("b") + chunk("c") + chunk("d")
+    sent: list[bytes] = []
+    events, exchange = await relay([chunk("a"), second, DONE], batches=sent)
+    assert sent[1] is second and exchange.chunks == 4
+    assert events[-1] == DONE
+
+
+async def test_garbage_among_token_reads_is_still_caught() -> None:
+    bad = chunk("b") + b'data: {"id": "c1", "oops\n\n'
+    events, exchange = await relay([chunk("a"), bad, DONE])
+    assert events[:2] == [chunk("a"), chunk("b")] and events[-1] == DONE
+    assert "not JSON" in json.loads(events[2][6:])["error"]["message"]
+    assert exchange.status == 502

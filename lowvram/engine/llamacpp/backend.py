@@ -27,7 +27,6 @@ FAILURES = {
     "out_of_memory": ("failed to allocate", "out of memory", "unable to allocate"),
 }
 _SLOTS = re.compile(r"n_slots = (\d+), n_ctx_slot = (\d+)")
-_BACKEND = re.compile(r"libggml-cpu-([\w.]+)\.so")
 
 
 class LlamaCppBackend:
@@ -40,7 +39,7 @@ class LlamaCppBackend:
         self.plan = plan
         self._server = server
         self._extra_args = shlex.split(settings.extra_args)
-        self.observed: dict[str, int | str] = {}
+        self.observed: dict[str, int] = {}
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, hardware: Hardware) -> LlamaCppBackend:
@@ -77,8 +76,6 @@ class LlamaCppBackend:
         if match := _SLOTS.search(line):
             self.observed["slots"] = int(match.group(1))
             self.observed["n_ctx_slot"] = int(match.group(2))
-        elif "load_backend" in line and (match := _BACKEND.search(line)):
-            self.observed["cpu_variant"] = match.group(1)
 
     def failure(self, tail: Sequence[str]) -> str | None:
         text = "\n".join(tail).lower()
@@ -102,14 +99,12 @@ class LlamaCppBackend:
         slots, n_ctx = self.observed.get("slots"), self.observed.get("n_ctx_slot")
         if slots is not None and slots != self.plan.parallel:
             problems.append(f"llama.cpp runs {slots} sequences, the plan {self.plan.parallel}")
-        if isinstance(n_ctx, int) and n_ctx < self.plan.context:
+        if n_ctx is not None and n_ctx < self.plan.context:
             problems.append(f"llama.cpp runs a {n_ctx}-token context, the plan {self.plan.context}")
         return problems
 
     def report(self) -> str:
-        variant = self.observed.get("cpu_variant")
         return (
             f"llama.cpp ready: {self.plan.model.served_name}, {self.plan.parallel} sequences x "
             f"{self.plan.context} tokens, {self.plan.threads} threads"
-            + (f", CPU code for {variant}" if variant else "")
         )

@@ -14,13 +14,13 @@ from lowvram.gateway.upstream import ENGINE_RETRY_AFTER
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> dict[str, str]:
     """The gateway process is alive; says nothing about the engine."""
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(request: Request) -> Response:
     """200 when a request would reach a ready engine; otherwise 503 with the reason.
 
