@@ -2,12 +2,14 @@
 measure, stop.
 
     python -m bench.gpu_plans MODEL_DIR --vram 5 8 16 [--context 2048 --concurrency 8]
-                              [--out results.jsonl] [--tokens 128]
+        [--quantization auto|none|fp8|bitsandbytes] [--optimize throughput|latency]
+        [--long-prompt 30000] [--out results.jsonl] [--tokens 128]
 
 Per budget it records: the plan's estimate and the VRAM nvidia-smi shows once ready (the
 engine is alone on the card), vLLM's own figures (weights, KV tokens, offloaded GiB), whether
 it started on the first try and the rungs used if not, start-up time, decode tokens/s for one
-stream and for `--concurrency` streams (ignore_eos, fixed lengths), the gateway's added time
+stream and for `--concurrency` streams (ignore_eos, fixed lengths), whether a prompt of
+`--long-prompt` tokens is served (and its time to first token), the gateway's added time
 to first token (the same requests straight to the engine and through the gateway,
 interleaved), and the offload roofline: host-to-device bandwidth (measured first, in its own
 process) over the offloaded bytes each decode step reads, against the achieved steps/s.
@@ -67,6 +69,8 @@ class Result:
     observed: dict[str, float] = field(default_factory=dict)
     one_stream_tok_s: float | None = None
     many_streams_tok_s: float | None = None
+    long_prompt_ttft_s: float | None = None
+    plan_ms: float | None = None
     gateway_ttft_added_ms: float | None = None
     direct_ttft_ms: float | None = None
     ttft_samples_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -84,12 +88,12 @@ def h2d_bandwidth() -> float:
 
 
 async def stream_once(
-    client: httpx.AsyncClient, url: str, key: str, model: str, tokens: int
+    client: httpx.AsyncClient, url: str, key: str, model: str, tokens: int, prompt: str = ""
 ) -> tuple[float, float, int]:
     """(time to first token, decode seconds after it, completion tokens) of one stream."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "messages": [{"role": "user", "content": prompt or "Tell me a long story."}],
         "max_tokens": tokens,
         "ignore_eos": True,
         "stream": True,
@@ -123,6 +127,7 @@ async def measure(
     tokens: int,
     streams: int,
     samples: int,
+    long_prompt: int,
 ) -> None:
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_once(client, gateway, KEY, "default", 4)  # warm-up
@@ -142,6 +147,12 @@ async def measure(
             *(stream_once(client, gateway, KEY, "default", tokens) for _ in range(streams))
         )
         result.many_streams_tok_s = sum(r[2] for r in runs) / (time.perf_counter() - began)
+        if long_prompt:
+            # Random words: each is about one token with the Qwen tokenizer; the gateway
+            # counts and clamps, so what matters is that it is served.
+            text = " ".join(f"w{i % 997}" for i in range(long_prompt))
+            ttft, _, _ = await stream_once(client, gateway, KEY, "default", 8, text)
+            result.long_prompt_ttft_s = ttft
 
 
 def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth: float) -> Result:
@@ -152,12 +163,16 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
         vram=int(vram_gib * GiB),
         context=args.context,
         concurrency=args.concurrency,
+        quantization=args.quantization,
+        optimize=args.optimize,
         ready_timeout=900,
         max_restarts=0,
         log_file=Path(args.work) / "engine.log",
     )
     try:
+        planning = time.perf_counter()
         backend = VllmBackend(facts, detect_hardware(engine_settings), engine_settings)
+        result.plan_ms = (time.perf_counter() - planning) * 1000
     except PlanError as exc:
         result.error = f"refused: {exc}"
         return result
@@ -213,6 +228,7 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
                 args.tokens,
                 args.concurrency,
                 args.ttft_samples,
+                args.long_prompt,
             )
         )
         if result.roofline_steps_s and result.one_stream_tok_s:
@@ -257,15 +273,21 @@ def row(r: Result) -> list[str]:
     return [
         r.model,
         f"{r.budget_gib:g} GiB",
-        f"{p['quantization'] or 'bf16'}, {p['offloaded_layers']} layers offloaded, "
-        f"{p['max_num_seqs']}x{p['max_model_len']}",
+        f"{p['quantization'] or 'bf16'}, {'eager' if p['enforce_eager'] else 'CUDA graphs'}, "
+        f"{p['offloaded_layers']} layers offloaded, {p['max_num_seqs']} seqs, "
+        f"KV {p['kv_cache_tokens']:,} tokens, context {p['max_model_len']}",
         f"{r.estimate_gib:.2f} GiB",
         f"{r.measured_gib:.2f} GiB",
         f"{r.estimate_gib / r.measured_gib:.2f}",
         "yes" if r.first_try else "no: " + "; ".join(r.rungs),
         f"{r.startup_s:.0f} s",
         f"{r.one_stream_tok_s:.1f} tok/s",
-        f"{r.many_streams_tok_s:.1f} tok/s",
+        f"{r.many_streams_tok_s:.1f} tok/s ({p['max_num_seqs']})"
+        + (
+            f"; {r.long_prompt_ttft_s:.1f} s to first token of a long prompt"
+            if r.long_prompt_ttft_s
+            else ""
+        ),
         roof,
         f"{r.gateway_ttft_added_ms:+.2f} ms (direct {r.direct_ttft_ms:.0f} ms)",
     ]
@@ -287,6 +309,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--optimize", default="throughput")
+    parser.add_argument("--long-prompt", type=int, default=0, help="also serve this many tokens")
     parser.add_argument(
         "--ttft-samples",
         type=int,

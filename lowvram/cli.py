@@ -39,6 +39,7 @@ SERVE_FLAGS: Flags = {
     "--context": (EngineSettings, "context"),
     "--concurrency": (EngineSettings, "concurrency"),
     "--backend": (EngineSettings, "backend"),
+    "--optimize": (EngineSettings, "optimize"),
     "--host": (GatewaySettings, "host"),
     "--port": (GatewaySettings, "port"),
     "--upstream": (GatewaySettings, "upstream_url"),
@@ -49,6 +50,9 @@ PLAN_FLAGS: Flags = {
     "--concurrency": (EngineSettings, "concurrency"),
     "--gpu-memory": (EngineSettings, "gpu_memory"),
     "--host-memory": (EngineSettings, "host_memory"),
+    "--pcie-bandwidth": (EngineSettings, "pcie_bandwidth"),
+    "--optimize": (EngineSettings, "optimize"),
+    "--quantization": (EngineSettings, "quantization"),
 }
 
 

@@ -154,7 +154,8 @@ def _isolated(workdir: Path) -> dict[str, str]:
     return {
         "GATEWAY_DB_PATH": str(workdir / "gateway.sqlite3"),
         "ENGINE_LOG_FILE": str(workdir / "engine.log"),
-        "PYTHONPATH": str(ROOT),  # for the engine test double, run as tests.doubles.fake_engine
+        # For the engine test double (tests.doubles.fake_engine), beside what is there.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
 
 

@@ -12,11 +12,23 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import gib
+
+# Bytes per second per lane of each PCIe generation, after line encoding.
+_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
+PINNED_EFFICIENCY = 0.87
+"""Host-to-device copies from pinned memory reach ~87% of the link: 54.3-55.4 GB/s measured
+on a PCIe 5.0 x16 H200 host, of 63 GB/s (docs/benchmarks.md)."""
+
+
+def pcie_bytes_per_s(generation: int, width: int) -> float | None:
+    """What pinned host-to-device transfers reach on a link of this generation and width."""
+    lane = _LANE_BYTES_PER_S.get(generation)
+    return lane * width * PINNED_EFFICIENCY if lane and width > 0 else None
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,18 @@ class GpuFacts:
     total_bytes: int
     free_bytes: int
     compute_capability: tuple[int, int] = (0, 0)
+    """(0, 0): unknown (a what-if GPU on a machine without one)."""
+    pcie_bytes_per_s: float | None = None
+    """Host-to-device rate the link allows (its generation and width); None: unknown."""
+
+    @property
+    def has_fp8(self) -> bool:
+        """Ada, Hopper and later run FP8 matmuls; an unknown card is taken to be recent."""
+        return self.compute_capability >= (8, 9) or self.compute_capability == (0, 0)
+
+    @property
+    def has_bfloat16(self) -> bool:
+        return self.compute_capability >= (8, 0) or self.compute_capability == (0, 0)
 
 
 @dataclass(frozen=True)
@@ -53,8 +77,18 @@ def detect_hardware(settings: EngineSettings) -> Hardware:
     gpus = tuple(detect_gpus())
     if settings.gpu_memory is not None:
         total = int(settings.gpu_memory)
-        capability = gpus[0].compute_capability if gpus else (0, 0)
-        gpus = (GpuFacts(f"{gib(total)} GPU (what-if)", total, total, capability),)
+        here = gpus[0] if gpus else GpuFacts("", 0, 0)
+        gpus = (
+            GpuFacts(
+                f"{gib(total)} GPU (what-if)",
+                total,
+                total,
+                here.compute_capability,
+                here.pcie_bytes_per_s,
+            ),
+        )
+    if settings.pcie_bandwidth is not None and gpus:
+        gpus = tuple(replace(g, pcie_bytes_per_s=float(settings.pcie_bandwidth)) for g in gpus)
     host = detect_host()
     if settings.host_memory is not None:
         host = HostFacts(int(settings.host_memory), int(settings.host_memory))
@@ -69,7 +103,10 @@ def detect_gpus() -> list[GpuFacts]:
         pass
     if shutil.which("nvidia-smi") is None:
         return []
-    query = "--query-gpu=name,memory.total,memory.free,compute_cap"
+    query = (
+        "--query-gpu=name,memory.total,memory.free,compute_cap,pcie.link.gen.max,"
+        "pcie.link.width.max"
+    )
     try:
         out = subprocess.run(
             ["nvidia-smi", query, "--format=csv,noheader,nounits"],
@@ -82,11 +119,11 @@ def detect_gpus() -> list[GpuFacts]:
         return []
     gpus = []
     for line in out.strip().splitlines():
-        name, total, free, cap = (part.strip() for part in line.split(","))
+        name, total, free, cap, gen, width = (part.strip() for part in line.split(","))
         major, _, minor = cap.partition(".")
-        gpus.append(
-            GpuFacts(name, int(total) * 2**20, int(free) * 2**20, (int(major), int(minor or 0)))
-        )
+        link = pcie_bytes_per_s(int(gen), int(width)) if gen.isdigit() and width.isdigit() else None
+        capability = (int(major), int(minor or 0))
+        gpus.append(GpuFacts(name, int(total) * 2**20, int(free) * 2**20, capability, link))
     return gpus
 
 
@@ -101,12 +138,20 @@ def _nvml_gpus() -> list[GpuFacts]:
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            try:
+                link = pcie_bytes_per_s(
+                    pynvml.nvmlDeviceGetMaxPcieLinkGeneration(handle),
+                    pynvml.nvmlDeviceGetMaxPcieLinkWidth(handle),
+                )
+            except pynvml.NVMLError:
+                link = None
             gpus.append(
                 GpuFacts(
                     name.decode() if isinstance(name, bytes) else str(name),
                     int(memory.total),
                     int(memory.free),
                     (int(major), int(minor)),
+                    link,
                 )
             )
         return gpus

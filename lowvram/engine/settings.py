@@ -37,11 +37,17 @@ class EngineSettings(BaseSettings):
     context: int | None = Field(None, ge=256)
     """Context length to plan for (tokens); default 4096, capped by the model."""
     concurrency: int | None = Field(None, ge=1)
-    """Concurrent sequences to plan the KV cache for; default 4."""
+    """Sequences the engine runs at once (vLLM default 8, llama.cpp 4)."""
+    quantization: Literal["auto", "none", "fp8", "bitsandbytes"] = "auto"
+    """vLLM's weight format: auto (the planner's ladder), or this one (none: the dtype)."""
+    optimize: Literal["throughput", "latency"] = "throughput"
+    """vLLM plans for tokens/s over all sequences (throughput), or for one stream's speed."""
     gpu_memory: ByteSize | None = None
     """Plan for a GPU of this size instead of the one present (what-if planning)."""
     host_memory: ByteSize | None = None
     """Plan for this much host RAM instead of what is present (what-if planning)."""
+    pcie_bandwidth: ByteSize | None = None
+    """Host-to-GPU bytes per second (e.g. 25GB); default: from the PCIe link's generation."""
     models_dir: Path = Field(default_factory=lambda: data_dir() / "models")
     """Where downloaded and assembled GGUF files are cached."""
     log_file: Path = Field(default_factory=lambda: data_dir() / "engine.log")

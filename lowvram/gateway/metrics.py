@@ -48,6 +48,16 @@ class Metrics:
         self.queued = Gauge(
             "lowvram_queued_requests", "Requests waiting for a slot.", registry=self.registry
         )
+        self.inflight_limit = Gauge(
+            "lowvram_inflight_limit",
+            "Requests the gateway sends the engine at once (its planned sequences by default).",
+            registry=self.registry,
+        )
+        self.engine_sequences = Gauge(
+            "lowvram_engine_max_sequences",
+            "Sequences the engine's plan runs at once (0: the engine did not say).",
+            registry=self.registry,
+        )
         self.engine_ready = Gauge(
             "lowvram_engine_ready", "1 while the engine is ready.", registry=self.registry
         )

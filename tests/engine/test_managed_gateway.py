@@ -48,6 +48,11 @@ def test_ready_follows_the_engine(managed: tuple[str, Supervisor]) -> None:
     models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"]
     assert models[0]["id"] == "qwen2.5-7b-instruct" and models[0]["max_model_len"] == 4096
     assert chat(url, fake={"tokens": 2}).json()["choices"][0]["message"]["content"] == "w0 w1"
+    # The plan's sequences, and the gateway's bound (set to 1 here), are in the metrics.
+    assert (
+        _metric(url, "lowvram_engine_max_sequences") == supervisor.backend.served_model().max_batch
+    )
+    assert _metric(url, "lowvram_inflight_limit") == 1
 
 
 def test_an_engine_crash_mid_stream_reaches_the_client_and_the_engine_comes_back(
@@ -88,8 +93,10 @@ def test_an_engine_crash_mid_stream_reaches_the_client_and_the_engine_comes_back
 
 
 def _queued(url: str) -> int:
+    return _metric(url, "lowvram_queued_requests")
+
+
+def _metric(url: str, name: str) -> int:
     metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
-    line = next(
-        line for line in metrics.splitlines() if line.startswith("lowvram_queued_requests ")
-    )
+    line = next(line for line in metrics.splitlines() if line.startswith(name + " "))
     return int(float(line.split()[1]))

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from lowvram.engine.errors import PlanError
-from lowvram.engine.hardware import GpuFacts, HostFacts
+from lowvram.engine.hardware import GpuFacts, HostFacts, pcie_bytes_per_s
 from lowvram.engine.units import GiB
 from lowvram.engine.vllm.model import ModelFacts, load_model_facts
 from lowvram.engine.vllm.plan import EnginePlan
-from lowvram.engine.vllm.planner import plan_vllm
+from lowvram.engine.vllm.planner import ladder, plan_vllm
 from tests.helpers import asked
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,6 +30,7 @@ MODELS = [
     "qwen2.5-32b-instruct",
     "deepseek-r1-distill-llama-70b",
     "qwen2.5-7b-instruct-awq",
+    "llama-3.3-70b-instruct-awq",
 ]
 
 
@@ -37,7 +38,7 @@ def facts(name: str) -> ModelFacts:
     return load_model_facts(str(FIXTURES / name))
 
 
-def plan(name: str, vram_gib: float, gpu: GpuFacts = CARD_24, **kw: int) -> EnginePlan:
+def plan(name: str, vram_gib: float, gpu: GpuFacts = CARD_24, **kw: object) -> EnginePlan:
     return plan_vllm(facts(name), gpu, HOST_64, asked(vram=int(vram_gib * GiB), **kw))
 
 
@@ -106,16 +107,14 @@ def test_every_plan_stays_within_its_budget(name: str, vram: int) -> None:
 @pytest.mark.parametrize(
     "name", ["qwen2.5-7b-instruct", "qwen2.5-14b-instruct", "qwen2.5-32b-instruct"]
 )
-def test_more_vram_never_plans_less(name: str) -> None:
-    """More VRAM: never a smaller KV cache, and never more offload for the same KV cache.
-
-    (Below the point where every layer is offloaded, a smaller budget shrinks the KV cache
-    instead, which can leave room for a layer or two: fewer offloaded layers, less KV.)
-    """
-    plans = [plan(name, vram) for vram in (8, 10, 12, 16, 20)]
+def test_more_vram_never_plans_worse(name: str) -> None:
+    """More VRAM: never a lower rung of the ladder, and never more offload in the same one."""
+    model = facts(name)
+    order = [s.name for s in ladder(model, CARD_24)]
+    plans = [plan(name, vram) for vram in (8, 10, 12, 16, 20, 23)]
     for smaller, larger in itertools.pairwise(plans):
-        assert larger.kv_cache_bytes >= smaller.kv_cache_bytes
-        if larger.kv_cache_bytes == smaller.kv_cache_bytes:
+        assert order.index(larger.quantization) <= order.index(smaller.quantization)
+        if larger.quantization == smaller.quantization:
             assert larger.offloaded_layers <= smaller.offloaded_layers
 
 
@@ -123,7 +122,7 @@ def test_pre_quantized_checkpoints_keep_their_method() -> None:
     p = plan("qwen2.5-7b-instruct-awq", 8)
     assert p.quantization == "awq" and p.dtype == "auto"
     assert "--quantization" not in p.to_argv()  # vLLM reads the method from config.json
-    assert any("pre-quantized" in reason for reason in p.reasons)
+    assert any("the checkpoint's awq" in reason for reason in p.reasons)
 
 
 def test_offload_needs_host_ram() -> None:
@@ -240,3 +239,64 @@ def test_cli_refusal_is_a_clear_error_not_a_traceback() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "floor" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- planning for speed: paged KV, the ladder, offload for throughput ------------------------
+
+ADA_24 = GpuFacts("RTX 4090", 24 * GiB, 24 * GiB, (8, 9), 25e9)
+AMPERE_24 = GpuFacts("RTX 3090", 24 * GiB, 24 * GiB, (8, 6), 25e9)
+
+
+def test_concurrency_sets_max_num_seqs_and_the_kv_cache_is_paged() -> None:
+    p = plan("qwen2.5-7b-instruct", 16, ADA_24)
+    assert p.max_num_seqs == 8  # the default
+    # At least one whole context, and no more than every sequence at full length.
+    assert p.max_model_len <= p.kv_cache_tokens <= p.max_num_seqs * p.max_model_len
+
+
+def test_8b_at_22_gib_with_32k_context_runs_fp8_with_cuda_graphs_where_the_gpu_has_fp8() -> None:
+    p = plan("qwen3-8b", 22, ADA_24, context=32768)
+    assert (p.quantization, p.quantization_arg, p.offloaded_layers) == ("fp8", "fp8", 0)
+    assert not p.enforce_eager and p.max_model_len == 32768
+    assert p.kv_cache_tokens >= 32768
+    argv = p.to_argv()
+    assert argv[argv.index("--quantization") + 1] == "fp8" and "--enforce-eager" not in argv
+    older = plan("qwen3-8b", 22, AMPERE_24, context=32768)
+    assert older.quantization == "bitsandbytes"  # no FP8 before compute capability 8.9
+
+
+def test_fp8_beats_4_bit_at_12_gib_even_with_fewer_sequences_at_once() -> None:
+    p = plan("qwen3-8b", 12, ADA_24)
+    assert p.quantization == "fp8" and p.offloaded_layers == 0
+    assert any("more tokens/s than 4-bit" in reason for reason in p.reasons)
+
+
+def test_under_offload_sequences_are_kept_rather_than_layers() -> None:
+    throughput = plan("qwen3-8b", 6, ADA_24)
+    latency = plan("qwen3-8b", 6, ADA_24, optimize="latency")  # type: ignore[arg-type]
+    assert throughput.offloaded_layers > 0
+    typical = throughput.max_model_len // 4
+    assert throughput.kv_cache_tokens >= throughput.max_num_seqs * typical  # all 8 run
+    assert latency.offloaded_layers <= throughput.offloaded_layers
+    assert latency.kv_cache_tokens <= throughput.kv_cache_tokens
+
+
+def test_a_70b_awq_checkpoint_at_10_gib_offloads_for_16_sequences() -> None:
+    p = plan("llama-3.3-70b-instruct-awq", 10, ADA_24, concurrency=16)
+    assert p.quantization == "awq" and p.max_num_seqs == 16
+    assert p.offloaded_layers == 80  # every layer: the KV room serves the sequences
+    assert p.kv_cache_tokens >= 3 * p.max_model_len
+
+
+def test_the_pcie_rate_in_the_reasons_is_the_link_s_or_said_to_be_assumed() -> None:
+    measured = plan("qwen3-8b", 6, GpuFacts("H200", 140 * GiB, 140 * GiB, (9, 0), 54.8e9))
+    assert any("55 GB/s (measured from the PCIe link)" in r for r in measured.reasons)
+    assumed = plan("qwen3-8b", 6, GpuFacts("?", 24 * GiB, 24 * GiB, (8, 9)))
+    assert any("25 GB/s (assumed: PCIe 4.0 x16)" in r for r in assumed.reasons)
+
+
+@pytest.mark.parametrize(
+    ("generation", "width", "gb_per_s"), [(5, 16, 54.8), (4, 16, 27.4), (3, 8, 6.9)]
+)
+def test_pcie_rate_from_the_link(generation: int, width: int, gb_per_s: float) -> None:
+    assert pcie_bytes_per_s(generation, width) == pytest.approx(gb_per_s * 1e9, rel=0.01)

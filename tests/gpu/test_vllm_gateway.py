@@ -54,6 +54,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         "GATEWAY_API_KEYS": KEY,
         "GATEWAY_DB_PATH": str(tmp / "gateway.sqlite3"),
         "ENGINE_BACKEND": "vllm",
+        # Graphs would fit; capturing them costs a minute of the lent GPU per start.
+        "ENGINE_EXTRA_ARGS": "--enforce-eager",
     }
     args = ["--model", MODEL, "--vram", "3GiB", "--context", "2048", "--concurrency", "4"]
     started = time.monotonic()
@@ -160,3 +162,107 @@ def test_engine_killed_mid_stream_gives_an_sse_error_and_comes_back(
     )
     assert completion.usage is not None and completion.usage.completion_tokens == 8
     assert "restart" in log_path.read_text(errors="replace")
+
+
+# --- the OpenAI surface through vLLM: what grammars guarantee holds even on random weights --
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CITY = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
+    "required": ["name", "population"],
+    "additionalProperties": False,
+}
+
+
+def test_the_plan_turned_on_the_tool_parser(served: tuple[str, Path]) -> None:
+    engine_log = Path(served[1]).with_name("engine.log").read_text()
+    assert "--enable-auto-tool-choice --tool-call-parser hermes" in engine_log
+
+
+def test_tool_choice_required_and_named_return_parsed_calls(client: openai.OpenAI) -> None:
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        completion = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[WEATHER],
+            tool_choice=choice,  # type: ignore[arg-type]
+            max_tokens=64,
+        )
+        calls = completion.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "get_weather"
+        assert "city" in json.loads(calls[0].function.arguments)
+
+
+def test_tool_choice_auto_is_accepted(client: openai.OpenAI) -> None:
+    # vLLM refuses "auto" without --enable-auto-tool-choice; random weights call or not.
+    completion = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="auto",
+        max_tokens=32,
+    )
+    message = completion.choices[0].message
+    assert message.tool_calls or message.content is not None
+
+
+def test_streamed_tool_call_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=64,
+        stream=True,
+    )
+    name, arguments = "", ""
+    for chunk in stream:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name += (call.function.name or "") if call.function else ""
+            arguments += (call.function.arguments or "") if call.function else ""
+    assert name == "get_weather" and "city" in json.loads(arguments)
+
+
+def test_json_schema_strict_holds(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "A city, as JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "strict": True, "schema": CITY},
+        },
+        max_tokens=200,
+    )
+    data = json.loads(completion.choices[0].message.content or "")
+    assert set(data) == {"name", "population"} and isinstance(data["population"], int)
+
+
+def test_n_responses_models_and_refusals(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="default", messages=HELLO, max_tokens=4, n=2, extra_body=FIXED
+    )
+    assert len(completion.choices) == 2
+    response = client.responses.create(model="default", input="Say something.", max_output_tokens=8)
+    assert response.usage is not None and response.usage.output_tokens > 0
+    events = list(
+        client.responses.create(
+            model="default", input="Say something.", max_output_tokens=8, stream=True
+        )
+    )
+    assert events[-1].type == "response.completed"
+    assert client.models.retrieve("default").id == "default"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="default", input="hello")
+    assert refused.value.code == "model_not_supported"

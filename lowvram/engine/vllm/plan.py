@@ -53,7 +53,10 @@ class EnginePlan(BaseModel):
     """The card's memory, bytes (sets --gpu-memory-utilization for vLLM's start-up check)."""
     dtype: Literal["bfloat16", "float16", "auto"]
     quantization: str | None
-    """None (the checkpoint's dtype), "bitsandbytes" (4-bit at load), or a pre-quantized method."""
+    """None (the checkpoint's dtype), "fp8" or "bitsandbytes" (quantized as vLLM loads the
+    checkpoint), or a pre-quantized checkpoint's own method (awq, gptq, ...)."""
+    quantization_arg: str | None = None
+    """What `--quantization` says: set only for quantizing at load time."""
     offloaded_layers: int = Field(ge=0)
     cpu_offload_bytes: int = Field(ge=0)
     """Bytes of layer weights kept in pinned host memory and read over PCIe each step."""
@@ -69,6 +72,8 @@ class EnginePlan(BaseModel):
     reasoning_parser: str | None = None
     """vLLM's parser that moves a reasoning model's thinking to `reasoning_content`."""
     estimate: VramEstimate
+    pcie_bytes_per_s: float = Field(25e9, gt=0)
+    """The host-to-GPU rate the offload estimate used."""
     reasons: tuple[str, ...]
     """Why each choice was made, in the order the planner made them."""
     warnings: tuple[str, ...] = ()
@@ -118,8 +123,8 @@ class EnginePlan(BaseModel):
             "--block-size",
             str(self.block_size),
         ]
-        if self.quantization == "bitsandbytes":
-            argv += ["--quantization", "bitsandbytes"]
+        if self.quantization_arg:
+            argv += ["--quantization", self.quantization_arg]
         if self.cpu_offload_bytes:
             # Offload goes parameter by parameter until this many GiB: the figure is whole layers.
             argv += ["--cpu-offload-gb", f"{self.cpu_offload_bytes / GiB:.6f}"]

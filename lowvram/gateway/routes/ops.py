@@ -41,5 +41,8 @@ async def metrics(request: Request) -> Response:
     m = gateway.metrics
     m.inflight.set(gateway.admission.inflight)
     m.queued.set(gateway.admission.queued)
+    m.inflight_limit.set(gateway.admission.limit)
+    served = gateway.engine.model
+    m.engine_sequences.set(served.max_batch or 0 if served else 0)
     m.engine_ready.set(1 if gateway.engine.state is EngineState.READY else 0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
