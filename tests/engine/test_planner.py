@@ -266,8 +266,10 @@ def test_8b_at_22_gib_with_32k_context_runs_fp8_with_cuda_graphs_where_the_gpu_h
 
 
 def test_fp8_beats_4_bit_at_12_gib_even_with_fewer_sequences_at_once() -> None:
-    p = plan("qwen3-8b", 12, ADA_24)
-    assert p.quantization == "fp8" and p.offloaded_layers == 0
+    # The configuration measured on the H200: FP8 272 tok/s for one stream, 1,885 for 8;
+    # bitsandbytes at the same budget 175 and 577 (docs/benchmarks.md).
+    p = plan("qwen3-8b", 12, ADA_24, context=2048)
+    assert p.quantization == "fp8" and p.offloaded_layers == 0 and not p.enforce_eager
     assert any("more tokens/s than 4-bit" in reason for reason in p.reasons)
 
 

@@ -10,6 +10,10 @@ its chat template can do (a template that never mentions tools cannot render the
     Mistral                          mistral
     DeepSeek-R1 distills             -               reasoning deepseek_r1
 
+Where the template shows how calls are written, it decides over the family: a Llama-shaped
+fine-tune with a Hermes-style template (`<tool_call>`) needs hermes (vLLM's llama3_json
+parser fails every request when the tokenizer has no `<|python_tag|>`).
+
 `ENGINE_TOOL_PARSER` and `ENGINE_REASONING_PARSER` override the choice ("none" turns one off).
 """
 
@@ -18,6 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowvram.engine.vllm.model import ModelFacts
+
+TEMPLATE_MARKERS = {
+    "<tool_call>": "hermes",
+    "<|python_tag|>": "llama3_json",
+    "[TOOL_CALLS]": "mistral",
+}
 
 TOOL_PARSERS = {
     "qwen2": "hermes",
@@ -44,6 +54,9 @@ def choose_parsers(
     name = model.name.lower()
     reasons = []
     tool = TOOL_PARSERS.get(model.architecture)
+    marked = [parser for mark, parser in TEMPLATE_MARKERS.items() if template and mark in template]
+    if marked:
+        tool = marked[0]
     if tool_setting is not None:
         tool = None if tool_setting == "none" else tool_setting
         reasons.append(f"tool calls: {tool or 'off'} (ENGINE_TOOL_PARSER)")
@@ -54,6 +67,8 @@ def choose_parsers(
         reasons.append(
             f"tool calls: off (no parser known for {model.architecture}; set ENGINE_TOOL_PARSER)"
         )
+    elif marked:
+        reasons.append(f"tool calls: the {tool} parser, for the chat template's call format")
     else:
         reasons.append(f"tool calls: the {tool} parser, for {model.architecture} models")
     thinks = template is not None and "<think>" in template

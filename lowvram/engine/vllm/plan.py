@@ -130,6 +130,12 @@ class EnginePlan(BaseModel):
             argv += ["--cpu-offload-gb", f"{self.cpu_offload_bytes / GiB:.6f}"]
         if self.enforce_eager:
             argv.append("--enforce-eager")
+        # Grammars allow any whitespace between JSON tokens, and a model can fill its whole
+        # max_tokens with it (random weights do; real models have too): compact JSON only.
+        argv += [
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        ]
         if self.tool_call_parser:
             argv += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
         if self.reasoning_parser:
