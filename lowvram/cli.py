@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TypeVar, get_args
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsError
@@ -149,13 +150,18 @@ def build_engine(gateway: GatewaySettings, engine: EngineSettings) -> EngineHand
     """The upstream named in the gateway's settings, or an engine we plan, start and watch."""
     if gateway.upstream_url:
         from lowvram.engine.external import ExternalEngine
+        from lowvram.engine.replicas import Replicas
 
         key = gateway.upstream_api_key
-        return ExternalEngine(
-            gateway.upstream_url,
-            key.get_secret_value() if key else None,
-            context_length=gateway.context_length,
-        )
+        upstreams = [
+            ExternalEngine(
+                url, key.get_secret_value() if key else None, context_length=gateway.context_length
+            )
+            for url in gateway.upstream_url
+        ]
+        if len(upstreams) == 1:
+            return upstreams[0]
+        return Replicas(upstreams, [urlsplit(url).netloc for url in gateway.upstream_url])
     from lowvram.engine.factory import build_engine as build_managed
 
     return build_managed(engine)

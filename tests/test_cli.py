@@ -57,7 +57,7 @@ def test_flags_become_settings_and_win_over_the_environment(
     engine = settings_from(EngineSettings, args, SERVE_FLAGS)
     gateway = settings_from(GatewaySettings, args, SERVE_FLAGS)
     assert int(engine.vram or 0) == 6 * 1024**3 and engine.backend == "llamacpp"
-    assert gateway.port == 9001 and gateway.upstream_url == "http://x:1/v1"
+    assert gateway.port == 9001 and gateway.upstream_url == ["http://x:1/v1"]
 
 
 def assert_one_clean_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -84,9 +84,9 @@ def test_vllm_without_a_gpu_is_one_line(tmp_path: Path) -> None:
         ({"GATEWAY_LOG_LEVEL": "verbose"}, ("GATEWAY_LOG_LEVEL='verbose'", "debug")),
         ({"ENGINE_VRAM": "lots"}, ("ENGINE_VRAM='lots'",)),
         ({"GATEWAY_DB_PATH": "/proc/no/such/dir/keys.sqlite3"}, ("key database", "GATEWAY_DB")),
-        ({"GATEWAY_UPSTREAM_URL": "not-a-url"}, ("GATEWAY_UPSTREAM_URL='not-a-url'", "http(s)")),
-        ({"GATEWAY_UPSTREAM_URL": "ftp://x"}, ("GATEWAY_UPSTREAM_URL='ftp://x'",)),
-        ({"GATEWAY_UPSTREAM_URL": "http://h:99999"}, ("port",)),
+        ({"GATEWAY_UPSTREAM_URL": "not-a-url"}, ("GATEWAY_UPSTREAM_URL", "'not-a-url'", "http(s)")),
+        ({"GATEWAY_UPSTREAM_URL": "ftp://x"}, ("'ftp://x' must be an http(s) URL",)),
+        ({"GATEWAY_UPSTREAM_URL": "http://a:1/v1,http://h:99999"}, ("port",)),
     ],
 )
 def test_a_bad_setting_is_one_line(

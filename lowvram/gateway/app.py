@@ -1,6 +1,6 @@
 """The app factory: lifespan, state, routers, error handlers, middleware, in that order.
 
-    app = create_app(GatewaySettings(), engine)      # engine: any EngineHandle
+    app = create_app(GatewaySettings(), engine)      # any EngineHandle, or Replicas of them
     uvicorn.run(app)
 
 The engine is built by the caller (`lowvram serve` builds it before the server starts, so
@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from lowvram.engine.handle import EngineHandle, EngineState
+from lowvram.engine.replicas import as_replicas
 from lowvram.gateway.auth import Authenticator
 from lowvram.gateway.errors import register_error_handlers
 from lowvram.gateway.keystore import KeyStore, UsageLog
@@ -45,16 +46,17 @@ def create_app(
             [k.get_secret_value() for k in settings.admin_api_keys],
             store,
         )
-        app.state.gateway = Gateway(settings, engine, client, Metrics(), usage_log)
+        pool = as_replicas(engine)
+        app.state.gateway = Gateway(settings, pool, client, Metrics(), usage_log)
         if on_ready is not None:
-            _call_once_ready(engine, on_ready)
-        await engine.start()
+            _call_once_ready(pool, on_ready)
+        await pool.start()
         # What start-up allocated lives as long as the process: keep the collector off it.
         gc.freeze()
         try:
             yield
         finally:
-            await engine.stop()
+            await pool.stop()
             await client.aclose()
             usage_log.close()
             store.close()

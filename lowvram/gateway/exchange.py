@@ -80,6 +80,8 @@ class Exchange:
         self.endpoint = endpoint
         self.stream = stream
         self.model: str | None = None
+        self.replica: str | None = None
+        """Which engine of the pool answered (see engine/replicas.py)."""
         self.status = 200
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -151,6 +153,7 @@ class Exchange:
             "key": self.key.name,
             "endpoint": self.endpoint.value,
             "model": self.model,
+            "replica": self.replica,
             "stream": self.stream,
             "outcome": self.status,
             "ttft_ms": None if ttft is None else round(ttft * 1000, 2),

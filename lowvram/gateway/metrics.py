@@ -61,6 +61,18 @@ class Metrics:
         self.engine_ready = Gauge(
             "lowvram_engine_ready", "1 while the engine is ready.", registry=self.registry
         )
+        self.replica_ready = Gauge(
+            "lowvram_replica_ready",
+            "1 while this engine of the pool is ready.",
+            ["replica"],
+            registry=self.registry,
+        )
+        self.replica_outstanding = Gauge(
+            "lowvram_replica_outstanding_requests",
+            "Requests this engine of the pool is answering.",
+            ["replica"],
+            registry=self.registry,
+        )
         self.engine_state_changes = Counter(
             "lowvram_engine_state_changes",
             "Engine state transitions, by new state.",

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from lowvram.engine.handle import EngineHandle, EngineState, ServedModel
+from lowvram.engine.replicas import Replicas
 from lowvram.gateway.admission import Admission
 from lowvram.gateway.errors import ClientClosed, EngineUnavailable, UpstreamError
 from lowvram.gateway.exchange import Endpoint, Exchange
@@ -73,7 +74,7 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        engine: EngineHandle,
+        engine: Replicas,
         client: httpx.AsyncClient,
         metrics: Metrics,
         usage_log: UsageLog | None,
@@ -84,7 +85,6 @@ class Gateway:
         self.metrics = metrics
         self.usage_log = usage_log
         self.limiter = KeyLimiter()
-        self.counter = TokenCounter(client, engine)
         self.admission = Admission(
             self._inflight_limit(), settings.queue_size, settings.queue_timeout
         )
@@ -96,7 +96,9 @@ class Gateway:
         if self.settings.max_inflight is not None:
             return self.settings.max_inflight
         model = self.engine.model
-        return model.max_batch if model and model.max_batch else DEFAULT_MAX_INFLIGHT
+        if model and model.max_batch:
+            return model.max_batch
+        return DEFAULT_MAX_INFLIGHT * max(1, self.engine.ready_count)
 
     def _on_engine_state(self, state: EngineState) -> None:
         self.metrics.engine_state_changes.labels(state.value).inc()
@@ -164,13 +166,15 @@ class Gateway:
             exchange.resources.callback(lambda: lease.release(exchange.total_tokens))
             if not stream:
                 return await unless_disconnected(request, self._call(exchange, served, body))
-            upstream = await unless_disconnected(request, self._open(exchange, served, body))
+            upstream, counter = await unless_disconnected(
+                request, self._open(exchange, served, body)
+            )
             if upstream.status_code != 200:
                 return await self._engine_refused(upstream, exchange, body)
             relay = StreamRelay(
                 upstream,
                 exchange,
-                counter=self.counter,
+                counter=counter,
                 body=body,
                 client_wants_usage=wants_usage,
                 idle_timeout=self.settings.read_timeout,
@@ -180,29 +184,61 @@ class Gateway:
 
     async def _open(
         self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
-    ) -> httpx.Response:
-        """Wait for a slot, fit the request, and send it; return at the engine's headers."""
+    ) -> tuple[httpx.Response, TokenCounter]:
+        """Wait for a slot, pick a replica, fit the request and send it; return at the
+        engine's headers, with the counter of the replica that answers.
+
+        A replica that refuses the connection never saw the request: it goes to another.
+        """
         await self.admission.acquire()
         exchange.resources.callback(self.admission.release)
-        if exchange.endpoint.generates:
-            exchange.prompt_tokens = await fit_context(
-                body, exchange.endpoint, served, self.counter, self.settings.default_max_tokens
-            )
-        return await open_upstream(
-            self.client,
-            self.engine,
-            exchange.endpoint.path,
-            body,
-            exchange.request_id,
-            stream=exchange.stream,
-            read_timeout=self.settings.read_timeout,
-        )
+        key = affinity(exchange.endpoint, body) if self.pooled else None
+        unreachable: list[EngineHandle] = []
+        refused: EngineUnavailable | None = None
+        while True:
+            picked = self.engine.pick(key, exclude=unreachable)
+            if picked is None:  # every replica refused, or the last went down meanwhile
+                raise refused or self._unavailable(self.engine.state)
+            member, release = picked
+            counter = TokenCounter(self.client, member)
+            try:
+                if exchange.endpoint.generates:
+                    exchange.prompt_tokens = await fit_context(
+                        body, exchange.endpoint, served, counter, self.settings.default_max_tokens
+                    )
+                upstream = await open_upstream(
+                    self.client,
+                    member,
+                    exchange.endpoint.path,
+                    body,
+                    exchange.request_id,
+                    stream=exchange.stream,
+                    read_timeout=self.settings.read_timeout,
+                )
+            except EngineUnavailable as exc:
+                release()
+                if not self.pooled:
+                    raise
+                refused = exc
+                self.engine.suspect(member)
+                unreachable.append(member)
+                continue
+            except BaseException:
+                release()
+                raise
+            exchange.resources.callback(release)
+            exchange.replica = self.engine.name_of(member)
+            return upstream, counter
+
+    @property
+    def pooled(self) -> bool:
+        return len(self.engine.members) > 1
 
     async def _call(
         self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
     ) -> Response:
         """A request answered with one JSON document."""
-        upstream = await self._open(exchange, served, body)
+        upstream, _ = await self._open(exchange, served, body)
         if upstream.status_code != 200:
             return await self._engine_refused(upstream, exchange, body)
         raw = await _read_all(upstream)
@@ -222,6 +258,22 @@ class Gateway:
         status, body = engine_error(upstream.status_code, await _read_all(upstream), request)
         exchange.finish(status)
         return JSONResponse(body, status_code=status)
+
+
+def affinity(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
+    """What identifies a conversation: its first messages (system prompt, first turn), whose
+    prefix a replica's cache holds once it has served them."""
+    if endpoint is Endpoint.CHAT:
+        head: object = body.get("messages", [])[:2]
+    elif endpoint is Endpoint.RESPONSES:
+        items = body.get("input")
+        head = [body.get("instructions"), items[:2] if isinstance(items, list) else items]
+    elif endpoint is Endpoint.COMPLETIONS:
+        prompt = body.get("prompt")
+        head = prompt[:512] if isinstance(prompt, str) else None
+    else:
+        return None
+    return json.dumps(head, sort_keys=True, default=str) if head else None
 
 
 async def _read_all(upstream: httpx.Response) -> bytes:

@@ -50,8 +50,9 @@ class GatewaySettings(BaseSettings):
     """SQLite file holding managed keys and the per-request usage log."""
 
     # --- an existing engine instead of a managed one ---------------------------------------
-    upstream_url: str | None = None
-    """Front this OpenAI-compatible server (base URL, with or without /v1); no engine starts."""
+    upstream_url: Annotated[list[str], NoDecode] = []
+    """Front this OpenAI-compatible server (base URL, with or without /v1), or several of the
+    same model, comma-separated (replicas); no engine starts."""
     upstream_api_key: SecretStr | None = None
     """Sent upstream as Authorization: Bearer, if the server needs one."""
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
@@ -95,19 +96,23 @@ class GatewaySettings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
 
+    @field_validator("upstream_url", mode="before")
+    @classmethod
+    def _url_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
     @field_validator("upstream_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        url = urlsplit(value.strip())
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError("must be an http(s) URL, like http://127.0.0.1:8001/v1")
-        try:
-            url.port  # noqa: B018 (parsing the port is the check)
-        except ValueError:
-            raise ValueError("has a port that is not a number from 0 to 65535") from None
-        return value.strip()
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for value in urls:
+            url = urlsplit(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"{value!r} must be an http(s) URL, like http://127.0.0.1:8001/v1")
+            try:
+                url.port  # noqa: B018 (parsing the port is the check)
+            except ValueError:
+                raise ValueError(f"{value!r} has a port that is not a number") from None
+        return urls
 
     @field_validator("log_level", mode="before")
     @classmethod

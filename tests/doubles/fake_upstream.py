@@ -16,8 +16,10 @@ fields through untouched):
               "garbage_after": 2,    # stream: a data event that is not JSON after 2 chunks
               "endless": 1000000}}   # stream: this many bytes with no event boundary
 
-`models_answer`, when set, is what `/v1/models` answers (a broken upstream's list);
-`tokenize_garbage` makes `/tokenize` answer 200 with a body that is not JSON.
+`name`, when set, is the `system_fingerprint` of its JSON answers: which of several
+doubles (replicas behind one gateway) answered. `models_answer`, when set, is what
+`/v1/models` answers (a broken upstream's list); `tokenize_garbage` makes `/tokenize`
+answer 200 with a body that is not JSON.
 
 Tokens are words: "w0 w1 w2 ...". Prompt tokens are whitespace-separated words plus 3 per
 chat message, the same rule `/tokenize` uses, so tests can predict every count.
@@ -66,6 +68,7 @@ class FakeUpstream:
     stream_usage: bool = True
     models_answer: Any = None
     tokenize_garbage: bool = False
+    name: str | None = None
     records: list[Record] = field(default_factory=list)
 
     def last(self, path: str = "/v1/chat/completions") -> Record:
@@ -267,6 +270,7 @@ class FakeUpstream:
                     "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()),
                     "model": MODEL,
+                    "system_fingerprint": self.name,
                     "choices": [choice],
                     "usage": usage,
                 }
@@ -420,13 +424,14 @@ async def sleep_unless_disconnected(request: Request, seconds: float) -> bool:
 
 
 def main() -> None:
-    """Serve the double alone: `python -m tests.doubles.fake_upstream PORT [API_KEY]`."""
+    """Serve the double alone: `python -m tests.doubles.fake_upstream PORT [API_KEY [NAME]]`."""
     import sys
 
     import uvicorn
 
-    double = FakeUpstream(api_key=sys.argv[2] if len(sys.argv) > 2 else None)
-    uvicorn.run(double.app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    args = sys.argv[1:] + [""] * 3
+    double = FakeUpstream(api_key=args[1] or None, name=args[2] or None)
+    uvicorn.run(double.app(), host="127.0.0.1", port=int(args[0]), log_level="warning")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,18 @@ async def ready(request: Request) -> Response:
 
     The reason is the engine handle's client-facing one: what, never paths or logs.
     """
-    engine = request.app.state.gateway.engine
+    gateway: Gateway = request.app.state.gateway
+    engine = gateway.engine
+    body: dict[str, object] = {"status": engine.state.value}
+    if engine.state is not EngineState.READY:
+        body["reason"] = engine.reason
+    if gateway.pooled:  # each replica's state, and why one is not serving
+        body["replicas"] = [
+            {k: v for k, v in r.items() if k != "outstanding" and (k != "reason" or v)}
+            for r in engine.snapshot()
+        ]
     if engine.state is EngineState.READY:
-        return JSONResponse({"status": "ready"})
-    body = {"status": engine.state.value, "reason": engine.reason}
+        return JSONResponse(body)
     retry = engine.state in (EngineState.STARTING, EngineState.RESTARTING)
     headers = {"Retry-After": str(int(ENGINE_RETRY_AFTER))} if retry else {}
     return JSONResponse(body, status_code=503, headers=headers)
@@ -45,4 +53,8 @@ async def metrics(request: Request) -> Response:
     served = gateway.engine.model
     m.engine_sequences.set(served.max_batch or 0 if served else 0)
     m.engine_ready.set(1 if gateway.engine.state is EngineState.READY else 0)
+    for replica in gateway.engine.snapshot():
+        name = str(replica["name"])
+        m.child(m.replica_ready, name).set(1 if replica["state"] == "ready" else 0)
+        m.child(m.replica_outstanding, name).set(replica["outstanding"])
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

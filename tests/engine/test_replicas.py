@@ -1,0 +1,158 @@
+"""The pool of replicas on its own: routing, affinity, state, without any server."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from lowvram.engine.handle import EngineState, ServedModel, StateMixin
+from lowvram.engine.replicas import AFFINITY_SLACK, Replicas, as_replicas
+
+
+class Member(StateMixin):
+    """A TEST DOUBLE of an engine handle whose state the test sets."""
+
+    def __init__(self, name: str, max_batch: int | None = 4) -> None:
+        super().__init__()
+        self.name = name
+        self._model = ServedModel(id="m", context_length=4096, max_batch=max_batch)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.name}"
+
+    @property
+    def api_key(self) -> str | None:
+        return None
+
+    @property
+    def model(self) -> ServedModel | None:
+        return self._model if self.state is EngineState.READY else None
+
+    def set(self, state: EngineState, reason: str | None = None) -> None:
+        self._set_state(state, f"{self.name} {state.value}", reason)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.set(EngineState.STOPPED)
+
+
+def pool_of(n: int, ready: bool = True) -> tuple[Replicas, list[Member]]:
+    members = [Member(f"r{i}") for i in range(n)]
+    pool = Replicas(members)
+    for member in members:
+        if ready:
+            member.set(EngineState.READY)
+    return pool, members
+
+
+def test_requests_go_to_the_least_busy_ready_member() -> None:
+    pool, members = pool_of(3)
+    held = [pool.pick() for _ in range(6)]
+    assert all(h is not None for h in held)
+    assert pool.outstanding == [2, 2, 2]  # shared evenly, not all on the first
+    first = held[0]
+    assert first is not None
+    member, release = first
+    release()
+    release()  # releasing twice counts once
+    assert pool.outstanding[members.index(member)] == 1  # type: ignore[arg-type]
+    nxt = pool.pick()
+    assert nxt is not None and nxt[0] is member  # the one with a free slot
+
+
+def test_a_member_that_is_not_ready_gets_nothing_and_comes_back() -> None:
+    pool, members = pool_of(2)
+    members[1].set(EngineState.RESTARTING, "the engine crashed")
+    chosen = {id(pool.pick()[0]) for _ in range(4)}  # type: ignore[index]
+    assert chosen == {id(members[0])}
+    assert pool.state is EngineState.READY and pool.ready_count == 1
+    members[1].set(EngineState.READY)
+    picks = Counter(pool.pick()[0].name for _ in range(4))  # type: ignore[index, attr-defined]
+    assert picks["r1"] >= 2  # the returning member is the least busy: it gets the next ones
+
+
+def test_no_ready_member_means_no_pick_and_the_pool_says_why() -> None:
+    pool, members = pool_of(2)
+    members[0].set(EngineState.FAILED, "the engine was killed by SIGILL")
+    members[1].set(EngineState.RESTARTING, "the engine exited and restarts in 1 s")
+    assert pool.pick() is None
+    assert pool.state is EngineState.RESTARTING  # one will be back: clients may retry
+    assert "restarts in 1 s" in pool.reason
+    members[1].set(EngineState.FAILED, "the engine aborted itself")
+    assert pool.state is EngineState.FAILED and "no replica is ready" in pool.reason
+
+
+def test_a_conversation_stays_on_its_member_unless_that_one_is_overloaded() -> None:
+    pool, _ = pool_of(2)
+    key = '[{"role": "system", "content": "You are terse."}]'
+    picks = [pool.pick(key) for _ in range(AFFINITY_SLACK + 1)]
+    own = picks[0][0]  # type: ignore[index]
+    assert all(p[0] is own for p in picks)  # type: ignore[index]
+    # Now its member has AFFINITY_SLACK + 1 more requests than the other: the next goes there.
+    spill = pool.pick(key)
+    assert spill is not None and spill[0] is not own
+    for p in picks:
+        p[1]()  # type: ignore[index]
+    back = pool.pick(key)
+    assert back is not None and back[0] is own
+
+
+def test_different_conversations_spread_over_members() -> None:
+    pool, _ = pool_of(2)
+    owners = Counter()
+    for i in range(40):
+        picked = pool.pick(f"conversation {i}")
+        assert picked is not None
+        owners[picked[0].name] += 1  # type: ignore[attr-defined]
+        picked[1]()
+    assert min(owners.values()) >= 10  # both take part (40 keys hashed over 2)
+
+
+def test_a_suspect_member_is_skipped_while_another_is_ready() -> None:
+    pool, members = pool_of(2)
+    pool.suspect(members[0])
+    picks = {pool.pick()[0].name for _ in range(3)}  # type: ignore[index, attr-defined]
+    assert picks == {"r1"}
+    excluded = pool.pick(exclude=[members[1]])
+    assert excluded is not None and excluded[0] is members[0]  # better a suspect than none
+    assert pool.pick(exclude=members) is None
+
+
+def test_the_pool_model_adds_up_the_ready_members_sequences() -> None:
+    pool, members = pool_of(3)
+    assert pool.model is not None and pool.model.max_batch == 12
+    seen: list[EngineState] = []
+    pool.add_listener(seen.append)
+    members[2].set(EngineState.RESTARTING)
+    assert pool.model.max_batch == 8
+    assert seen == [EngineState.READY]  # still ready: listeners re-read the sequences
+    snapshot = {r["name"]: r["state"] for r in pool.snapshot()}
+    assert snapshot == {"replica-0": "ready", "replica-1": "ready", "replica-2": "restarting"}
+
+
+def test_one_unknown_batch_makes_the_pools_unknown() -> None:
+    members = [Member("a"), Member("b", max_batch=None)]
+    pool = Replicas(members)
+    for member in members:
+        member.set(EngineState.READY)
+    assert pool.model is not None and pool.model.max_batch is None
+
+
+def test_a_single_engine_is_a_pool_of_one_and_a_pool_stays_itself() -> None:
+    member = Member("solo")
+    pool = as_replicas(member)
+    assert pool.members == [member] and as_replicas(pool) is pool
+    with pytest.raises(ValueError):
+        Replicas([])
+
+
+@pytest.mark.anyio
+async def test_stopping_the_pool_stops_every_member() -> None:
+    pool, members = pool_of(2)
+    await pool.stop()
+    assert all(m.state is EngineState.STOPPED for m in members)
+    assert pool.state is EngineState.STOPPED

@@ -1,0 +1,201 @@
+"""Several upstreams behind one gateway: one is killed under load, and nothing is lost.
+
+The upstreams are the scriptable TEST DOUBLE, each its own process so that it can die the
+way an engine does (SIGKILL: connections reset, nothing said). Two llama.cpp servers as
+replicas are in tests/e2e/test_llamacpp.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lowvram.engine.external import ExternalEngine
+from lowvram.engine.replicas import Replicas
+from lowvram.gateway.app import create_app
+from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, gateway_settings
+from tests.helpers import ROOT, serve, wait_for, wait_ready
+
+NAMES = ("a", "b")
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/v1/models", timeout=1).status_code in (200, 401)
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def double_process(port: int, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.doubles.fake_upstream", str(port), UPSTREAM_KEY, name],
+        cwd=ROOT,
+    )
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}"), 20, f"test double {name}")
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[tuple[str, dict[str, int], dict[str, Any]]]:
+    """A gateway in front of two doubles; yields its URL, their ports, their processes."""
+    ports = {name: free_port() for name in NAMES}
+    with ExitStack() as stack:
+        processes: dict[str, Any] = {
+            name: stack.enter_context(double_process(port, name)) for name, port in ports.items()
+        }
+        settings = gateway_settings(tmp_path / "gateway.sqlite3")
+        members = [
+            ExternalEngine(f"http://127.0.0.1:{port}", UPSTREAM_KEY, poll_interval=0.2)
+            for port in ports.values()
+        ]
+        url = stack.enter_context(serve(create_app(settings, Replicas(members, list(NAMES)))))
+        wait_ready(url)
+        yield url, ports, processes
+
+
+def chat(url: str, auth: dict[str, str], text: str, **fields: Any) -> httpx.Response:
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": text}]} | fields
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=30)
+
+
+def replicas_on_ready(url: str) -> dict[str, str]:
+    body = httpx.get(url + "/ready", timeout=5).json()
+    return {r["name"]: r["state"] for r in body.get("replicas", [])}
+
+
+def test_requests_are_shared_and_the_pool_is_on_ready_and_metrics(
+    pool: tuple[str, dict[str, int], dict[str, Any]], auth: dict[str, str]
+) -> None:
+    url, _, _ = pool
+    served = [chat(url, auth, f"question {i}").json()["system_fingerprint"] for i in range(12)]
+    assert set(served) == set(NAMES)
+    assert replicas_on_ready(url) == {"a": "ready", "b": "ready"}
+    metrics = httpx.get(url + "/metrics", headers=ADMIN, timeout=5).text
+    assert 'lowvram_replica_ready{replica="a"} 1.0' in metrics
+    assert 'lowvram_replica_outstanding_requests{replica="b"} 0.0' in metrics
+
+
+def test_a_conversation_keeps_its_replica(
+    pool: tuple[str, dict[str, int], dict[str, Any]], auth: dict[str, str]
+) -> None:
+    url, _, _ = pool
+    for topic in ("tides", "bread", "owls"):
+        served = {chat(url, auth, f"tell me about {topic}").json()["system_fingerprint"]}
+        served |= {chat(url, auth, f"tell me about {topic}").json()["system_fingerprint"]}
+        assert len(served) == 1  # sequential turns: no load, so always the same one
+
+
+def test_a_replica_killed_under_load_loses_nothing_silently(
+    pool: tuple[str, dict[str, int], dict[str, Any]], auth: dict[str, str]
+) -> None:
+    url, ports, processes = pool
+    streams = 8
+    started = ThreadPoolExecutor(streams)
+    first_tokens = threading.Semaphore(0)
+
+    def stream(i: int) -> list[str]:
+        body = {
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": f"stream {i}"}],
+            "stream": True,
+            "fake": {"tokens": 60, "delay": 0.05},
+        }
+        data = []
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=30
+        ) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                    if len(data) == 1:
+                        first_tokens.release()
+        return data
+
+    futures = [started.submit(stream, i) for i in range(streams)]
+    metrics_url = url + "/metrics"
+
+    def both_streaming() -> bool:
+        text = httpx.get(metrics_url, headers=ADMIN, timeout=5).text
+        prefix = "lowvram_replica_outstanding_requests{replica="
+        busy = {
+            line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+        return len(busy) == len(NAMES) and min(busy.values()) > 0
+
+    for _ in range(streams):  # every stream is under way: its engine has the request
+        assert first_tokens.acquire(timeout=10)
+    assert both_streaming()
+    processes["a"].send_signal(signal.SIGKILL)
+    processes["a"].wait(10)
+    # New requests right away: the first may find "a" still marked ready (its health check
+    # has not run); refused, it goes to "b". Every one is answered.
+    after = [chat(url, auth, f"after the kill {i}") for i in range(20)]
+    assert [r.status_code for r in after] == [200] * 20
+    assert {r.json()["system_fingerprint"] for r in after} == {"b"}
+
+    ended = [f.result(timeout=30) for f in futures]
+    started.shutdown()
+    completed = errored = 0
+    for data in ended:
+        assert data[-1] == "[DONE]"  # every stream ends properly, whichever replica it was on
+        events = [json.loads(d) for d in data[:-1]]
+        if "error" in events[-1]:
+            errored += 1
+            assert events[-1]["error"]["code"] == "upstream_error"
+        else:
+            completed += 1
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+            assert text.split() == [f"w{i}" for i in range(60)]
+    assert errored >= 1 and completed >= 1  # a's streams said so; b's finished
+
+    wait_for(lambda: replicas_on_ready(url).get("a") == "failed", 10, "a taken out")
+    ready = httpx.get(url + "/ready", timeout=5)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+    # Back on the same port: back in the rotation.
+    with double_process(ports["a"], "a"):
+        wait_for(lambda: replicas_on_ready(url).get("a") == "ready", 10, "a back")
+        served = {chat(url, auth, f"again {i}").json()["system_fingerprint"] for i in range(8)}
+        assert served == {"a", "b"}
+
+
+def test_with_every_replica_down_clients_get_a_503_not_a_hang(
+    pool: tuple[str, dict[str, int], dict[str, Any]], auth: dict[str, str]
+) -> None:
+    url, _, processes = pool
+    for process in processes.values():
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    response = chat(url, auth, "anyone?")
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] in ("server_error", "service_unavailable")
+    wait_for(lambda: httpx.get(url + "/ready", timeout=5).status_code == 503, 10, "not ready")
+    body = httpx.get(url + "/ready", timeout=5).json()
+    assert "no replica is ready" in body["reason"]
