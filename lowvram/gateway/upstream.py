@@ -169,8 +169,27 @@ async def open_upstream(
     )
     try:
         async with asyncio.timeout(read_timeout):
-            return await client.send(request, stream=True)
+            try:
+                return await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                if not closed_before_answering(exc):
+                    raise
+                # A kept-alive connection the engine had just closed: the request never
+                # reached it, and a new connection is what every HTTP client does next.
+                return await client.send(request, stream=True)
     except TimeoutError:
         raise UpstreamTimeout("The engine did not start its answer in time.") from None
     except httpx.HTTPError as exc:
         raise map_transport_error(exc) from exc
+
+
+def closed_before_answering(exc: httpx.HTTPError) -> bool:
+    """Whether the engine closed the connection before answering: how a reused keep-alive
+    connection fails when the server closed it meanwhile (llama.cpp's server does, after
+    some streams). aiohttp says ServerDisconnectedError (httpx-aiohttp passes it on as a
+    ConnectTimeout); httpx's own transport, RemoteProtocolError."""
+    from aiohttp import ServerDisconnectedError
+
+    if isinstance(exc.__cause__ or exc.__context__, ServerDisconnectedError):
+        return True
+    return isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc)

@@ -7,7 +7,8 @@ import json
 import httpx
 import pytest
 
-from lowvram.gateway.upstream import engine_error, map_transport_error
+from lowvram.gateway.errors import APIError
+from lowvram.gateway.upstream import engine_error, map_transport_error, open_upstream
 
 ENGINE_SAID = json.dumps(
     {"error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}}
@@ -92,3 +93,62 @@ def test_engine_internals_never_reach_the_client() -> None:
         _, body = engine_error(status, raw)
         message = body["error"]["message"]
         assert "/root" not in message and "Traceback" not in message and "<path>" in message
+
+
+# --- a kept-alive connection the engine closed ----------------------------------------------
+
+
+class Engine:
+    """A TEST DOUBLE of an engine handle: where the request goes."""
+
+    base_url = "http://engine.test"
+    api_key = None
+
+
+def closing_once(first: Exception) -> tuple[httpx.AsyncClient, list[int]]:
+    """A client whose first send fails with `first`, as a closed keep-alive connection does."""
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            raise first
+        return httpx.Response(200, json={"ok": True})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler)), calls
+
+
+def disconnected_as_aiohttp_says_it() -> Exception:
+    from aiohttp import ServerDisconnectedError
+
+    error = httpx.ConnectTimeout("Server disconnected")  # what httpx-aiohttp raises
+    error.__cause__ = ServerDisconnectedError()
+    return error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "first",
+    [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        disconnected_as_aiohttp_says_it(),
+    ],
+)
+async def test_a_closed_keep_alive_connection_is_retried_once(first: Exception) -> None:
+    client, calls = closing_once(first)
+    async with client:
+        response = await open_upstream(
+            client, Engine(), "/v1/chat/completions", {}, "req-1", stream=True, read_timeout=5
+        )
+    assert response.status_code == 200 and len(calls) == 2
+
+
+@pytest.mark.anyio
+async def test_a_refused_connection_is_not_retried_here() -> None:
+    client, calls = closing_once(httpx.ConnectError("refused"))
+    async with client:
+        with pytest.raises(APIError) as raised:
+            await open_upstream(
+                client, Engine(), "/v1/chat/completions", {}, "req-1", stream=False, read_timeout=5
+            )
+    assert raised.value.status_code == 503 and len(calls) == 1  # the pool tries another replica
