@@ -39,6 +39,8 @@ SERVE_FLAGS: Flags = {
     "--vram": (EngineSettings, "vram"),
     "--context": (EngineSettings, "context"),
     "--concurrency": (EngineSettings, "concurrency"),
+    "--gpus": (EngineSettings, "gpus"),
+    "--replicas": (EngineSettings, "replicas"),
     "--backend": (EngineSettings, "backend"),
     "--optimize": (EngineSettings, "optimize"),
     "--host": (GatewaySettings, "host"),
@@ -49,6 +51,8 @@ PLAN_FLAGS: Flags = {
     "--vram": (EngineSettings, "vram"),
     "--context": (EngineSettings, "context"),
     "--concurrency": (EngineSettings, "concurrency"),
+    "--gpus": (EngineSettings, "gpus"),
+    "--replicas": (EngineSettings, "replicas"),
     "--gpu-memory": (EngineSettings, "gpu_memory"),
     "--host-memory": (EngineSettings, "host_memory"),
     "--pcie-bandwidth": (EngineSettings, "pcie_bandwidth"),
@@ -272,19 +276,26 @@ def plan(args: argparse.Namespace) -> int:
     import json
 
     from lowvram.engine.hardware import detect_hardware
+    from lowvram.engine.vllm.deployment import plan_deployment
     from lowvram.engine.vllm.model import load_model_facts
-    from lowvram.engine.vllm.planner import plan_vllm
 
     settings = settings_from(EngineSettings, args, PLAN_FLAGS)
     hardware = detect_hardware(settings)
     if hardware.gpu is None:
         raise PlanError("no NVIDIA GPU found here: pass --gpu-memory (e.g. 24GiB) to plan for one")
-    result = plan_vllm(load_model_facts(args.model), hardware.gpu, hardware.host, settings)
+    deployment = plan_deployment(load_model_facts(args.model), hardware, settings)
     if args.json:
-        extra = {"argv": result.to_argv(), "env": result.to_env()}
+        result = deployment.plan
+        extra = {
+            "argv": result.to_argv(),
+            "env": result.to_env(),
+            "gpu_groups": deployment.groups,
+            "tokens_per_s_in_all": round(deployment.tokens_per_s, 1),
+            "deployment_reasons": deployment.reasons,
+        }
         print(json.dumps(result.model_dump(mode="json") | extra, indent=2))
     else:
-        print(result.explain())
+        print(deployment.explain())
     return 0
 
 

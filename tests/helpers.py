@@ -69,7 +69,7 @@ def fake_vllm(tmp_path: Path, vram_gib: float = 16, **values: Any) -> VllmBacken
     """vLLM's backend planning a 7B on a 24 GiB test GPU, started as the engine test double."""
     settings = engine_settings(tmp_path, vram=int(vram_gib * GiB), **values)
     model = load_model_facts(str(FIXTURES / "qwen2.5-7b-instruct"))
-    return VllmBackend(model, TEST_MACHINE, settings, measure_vram=lambda: None)
+    return VllmBackend(model, TEST_MACHINE, settings, measure_vram=lambda _: None)
 
 
 def alive(pid: int) -> bool:

@@ -1,19 +1,24 @@
-"""Build the managed engine from its settings: pick the backend, plan, wrap a supervisor.
+"""Build the managed engine from its settings: pick the backend, plan, wrap supervisors.
 
     engine = build_engine(EngineSettings())   # raises an EngineError that says what to fix
 
-Everything that can fail before the engine runs (no GPU, no model, no plan that fits)
-fails here, before the gateway listens.
+One engine is one `Supervisor`; several (ENGINE_REPLICAS, or the vLLM planner's choice
+on several GPUs) are a `Replicas` pool of them, each with its own log file. Everything
+that can fail before the engines run (no GPU, no model, no plan that fits) fails here,
+before the gateway listens.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Literal
 
 from lowvram.engine.backend import Backend
 from lowvram.engine.errors import SetupError
+from lowvram.engine.handle import EngineHandle
 from lowvram.engine.hardware import Hardware, detect_hardware
+from lowvram.engine.replicas import Replicas
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.supervisor import Supervisor
 
@@ -28,7 +33,8 @@ def choose_backend(settings: EngineSettings, hardware: Hardware) -> Literal["vll
     return "vllm" if hardware.gpu is not None and has_vllm else "llamacpp"
 
 
-def build_backend(settings: EngineSettings) -> Backend:
+def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
+    """One backend per engine to run, and the engines' names (for logs, /ready, /metrics)."""
     hardware = detect_hardware(settings)
     if choose_backend(settings, hardware) == "vllm":
         if hardware.gpu is None:
@@ -37,14 +43,42 @@ def build_backend(settings: EngineSettings) -> Backend:
                 "(ENGINE_BACKEND=llamacpp serves on the CPU; ENGINE_GPU_MEMORY plans for one)"
             )
         from lowvram.engine.vllm.backend import VllmBackend
+        from lowvram.engine.vllm.deployment import plan_deployment
         from lowvram.engine.vllm.model import load_model_facts
 
         model = load_model_facts(settings.model or DEFAULT_VLLM_MODEL)
-        return VllmBackend(model, hardware, settings)
+        deployment = plan_deployment(model, hardware, settings)
+        backends: list[Backend] = [
+            VllmBackend(model, hardware, settings, deployment=deployment, replica=i)
+            for i in range(deployment.replicas)
+        ]
+        names = ["gpu" + "+".join(str(i) for i in group) for group in deployment.groups]
+        return backends, names
     from lowvram.engine.llamacpp.backend import LlamaCppBackend
 
-    return LlamaCppBackend.from_settings(settings, hardware)
+    replicas = settings.replicas or 1
+    return list(LlamaCppBackend.from_settings(settings, hardware, replicas)), [
+        f"cpu{i}" for i in range(replicas)
+    ]
 
 
-def build_engine(settings: EngineSettings) -> Supervisor:
-    return Supervisor(build_backend(settings), settings)
+def build_engine(settings: EngineSettings) -> EngineHandle:
+    backends, names = build_backends(settings)
+    if len(backends) == 1:
+        return Supervisor(backends[0], settings)
+    return Replicas(supervise_each(backends, names, settings), names)
+
+
+def supervise_each(
+    backends: Sequence[Backend], names: Sequence[str], settings: EngineSettings
+) -> list[Supervisor]:
+    """A supervisor per replica, each writing its engine's output to its own file."""
+    log = settings.log_file
+    return [
+        Supervisor(
+            backend,
+            settings.model_copy(update={"log_file": log.with_name(f"{log.stem}-{i}{log.suffix}")}),
+            name=name,
+        )
+        for i, (backend, name) in enumerate(zip(backends, names, strict=True))
+    ]

@@ -40,6 +40,9 @@ class GpuFacts:
     """(0, 0): unknown (a what-if GPU on a machine without one)."""
     pcie_bytes_per_s: float | None = None
     """Host-to-device rate the link allows (its generation and width); None: unknown."""
+    index: int = 0
+    """Its index in PCI bus order (nvidia-smi's, NVML's): what CUDA_VISIBLE_DEVICES names
+    when CUDA_DEVICE_ORDER=PCI_BUS_ID."""
 
     @property
     def has_fp8(self) -> bool:
@@ -64,28 +67,31 @@ class Hardware:
 
     @property
     def gpu(self) -> GpuFacts | None:
-        """The GPU the engine runs on (the first)."""
+        """The first GPU (the one a single-GPU engine runs on)."""
         return self.gpus[0] if self.gpus else None
 
 
 def detect_hardware(settings: EngineSettings) -> Hardware:
     """The GPUs and host RAM to plan for: this machine's, unless the settings say what-if.
 
-    A what-if GPU (`gpu_memory`) is a card of that size with nothing else on it, with this
-    machine's compute capability where it has a GPU (FP8 and bfloat16 depend on it).
+    What-if GPUs (`gpu_memory`) are `gpus` cards (default 1) of that size with nothing else
+    on them, with this machine's compute capability where it has a GPU (FP8 and bfloat16
+    depend on it).
     """
     gpus = tuple(detect_gpus())
     if settings.gpu_memory is not None:
         total = int(settings.gpu_memory)
         here = gpus[0] if gpus else GpuFacts("", 0, 0)
-        gpus = (
+        gpus = tuple(
             GpuFacts(
                 f"{gib(total)} GPU (what-if)",
                 total,
                 total,
                 here.compute_capability,
                 here.pcie_bytes_per_s,
-            ),
+                index,
+            )
+            for index in range(settings.gpus or 1)
         )
     if settings.pcie_bandwidth is not None and gpus:
         gpus = tuple(replace(g, pcie_bytes_per_s=float(settings.pcie_bandwidth)) for g in gpus)
@@ -96,7 +102,37 @@ def detect_hardware(settings: EngineSettings) -> Hardware:
 
 
 def detect_gpus() -> list[GpuFacts]:
-    """NVIDIA GPUs through NVML when importable, else nvidia-smi; [] without either."""
+    """The NVIDIA GPUs this process may use: through NVML when importable, else
+    nvidia-smi; [] without either. Both list every GPU on the host: CUDA_VISIBLE_DEVICES,
+    where set, narrows them down as it narrows CUDA's."""
+    return visible(_all_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def devices_by_index() -> bool:
+    """Whether CUDA_VISIBLE_DEVICES is unset or names GPUs by index: then the planner's
+    indices can narrow it for each engine."""
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return devices is None or all(d.strip().isdigit() for d in devices.split(",") if d.strip())
+
+
+def visible(gpus: list[GpuFacts], devices: str | None) -> list[GpuFacts]:
+    """The GPUs CUDA_VISIBLE_DEVICES names, in its order (indices only; a list with UUIDs
+    or MIG names is left to CUDA, and all GPUs are planned for)."""
+    if devices is None:
+        return gpus
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    if not all(name.isdigit() for name in names):
+        return gpus
+    by_index = {gpu.index: gpu for gpu in gpus}
+    chosen = []
+    for name in names:
+        if int(name) not in by_index:
+            break  # CUDA ignores the rest of the list after an invalid index
+        chosen.append(by_index[int(name)])
+    return chosen
+
+
+def _all_gpus() -> list[GpuFacts]:
     try:
         return _nvml_gpus()
     except Exception:  # no pynvml, no driver, no GPU: all mean "ask nvidia-smi"
@@ -118,12 +154,12 @@ def detect_gpus() -> list[GpuFacts]:
     except (OSError, subprocess.SubprocessError):
         return []
     gpus = []
-    for line in out.strip().splitlines():
+    for index, line in enumerate(out.strip().splitlines()):
         name, total, free, cap, gen, width = (part.strip() for part in line.split(","))
         major, _, minor = cap.partition(".")
         link = pcie_bytes_per_s(int(gen), int(width)) if gen.isdigit() and width.isdigit() else None
         capability = (int(major), int(minor or 0))
-        gpus.append(GpuFacts(name, int(total) * 2**20, int(free) * 2**20, capability, link))
+        gpus.append(GpuFacts(name, int(total) * 2**20, int(free) * 2**20, capability, link, index))
     return gpus
 
 
@@ -152,6 +188,7 @@ def _nvml_gpus() -> list[GpuFacts]:
                     int(memory.free),
                     (int(major), int(minor)),
                     link,
+                    index,
                 )
             )
         return gpus
@@ -159,21 +196,24 @@ def _nvml_gpus() -> list[GpuFacts]:
         pynvml.nvmlShutdown()
 
 
-def gpu_memory_used() -> int | None:
-    """Bytes in use on GPU 0 (the whole card, as nvidia-smi shows it)."""
+def gpu_memory_used(index: int = 0) -> int | None:
+    """Bytes in use on the GPU of this (PCI bus order) index: the whole card, as
+    nvidia-smi shows it."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
         finally:
             pynvml.nvmlShutdown()
     except Exception:
         pass
+    query = ["--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(index)]
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            ["nvidia-smi", *query],
             capture_output=True,
             text=True,
             timeout=20,

@@ -38,6 +38,13 @@ class EngineSettings(BaseSettings):
     """Context length to plan for (tokens); default 4096, capped by the model."""
     concurrency: int | None = Field(None, ge=1)
     """Sequences the engine runs at once (vLLM default 8, llama.cpp 4)."""
+    gpus: int | None = Field(None, ge=1)
+    """GPUs to serve on (vLLM); the budget is per GPU. Default: every visible one, or 1
+    when ENGINE_VRAM is set without it."""
+    replicas: int | None = Field(None, ge=1)
+    """Engines behind the gateway, each serving the whole model: vLLM splits the GPUs
+    evenly between them (tensor parallel within one), llama.cpp the CPU threads. Default:
+    on GPUs the planner's choice (the most tokens/s), on the CPU 1."""
     quantization: Literal["auto", "none", "fp8", "bitsandbytes"] = "auto"
     """vLLM's weight format: auto (the planner's ladder), or this one (none: the dtype)."""
     optimize: Literal["throughput", "latency"] = "throughput"

@@ -23,9 +23,10 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 
@@ -70,13 +71,30 @@ def _die_with_parent() -> None:
         pass  # not Linux: stop() and the atexit hook still cover orderly exits
 
 
+class _Named(logging.LoggerAdapter[logging.Logger]):
+    """Adds its fields to every record, beside the call's own `extra` (Python 3.11's
+    adapter would replace them)."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
 class Supervisor(StateMixin):
     """An `EngineHandle` for an engine process we own."""
 
     def __init__(
-        self, backend: Backend, settings: EngineSettings, timing: Timing | None = None
+        self,
+        backend: Backend,
+        settings: EngineSettings,
+        timing: Timing | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
+        self._log = _Named(logger, {"replica": name} if name else {})
+        """Its lines name the replica where it is one of several."""
         self.backend = backend
         self.settings = settings
         self.timing = timing or Timing()
@@ -159,7 +177,7 @@ class Supervisor(StateMixin):
                     )
                     return
                 report = self.backend.report()
-                logger.info(report)
+                self._log.info(report)
                 self._set_state(EngineState.READY, report)
                 code, uptime = await self._serve_until_exit()
                 if self._stopping.is_set() or not await self._after_crash(code, uptime):
@@ -179,7 +197,7 @@ class Supervisor(StateMixin):
                 return
             replans += 1
             self.attempts.append(f"{failure}: {change}")
-            logger.warning("engine start failed (%s); re-planned: %s", failure, change)
+            self._log.warning("engine start failed (%s); re-planned: %s", failure, change)
 
     def _exit_or(self, outcome: str) -> str:
         process = self._process
@@ -198,9 +216,11 @@ class Supervisor(StateMixin):
         self._set_state(EngineState.STARTING, f"starting {self.backend.name} on port {port}")
         if launch.description:
             summary = launch.description.splitlines()[0]
-            logger.info("%s", summary, extra={"explain": launch.description})
+            self._log.info("%s", summary, extra={"explain": launch.description})
         log = self._open_log(launch)
-        logger.info("starting %s; its output goes to %s", self.backend.name, self.settings.log_file)
+        self._log.info(
+            "starting %s; its output goes to %s", self.backend.name, self.settings.log_file
+        )
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *launch.argv,
@@ -302,7 +322,7 @@ class Supervisor(StateMixin):
             f"Last output: {' | '.join(list(self._tail)[-5:])}",
             f"the engine {how} and restarts in {delay:g} s",
         )
-        logger.error("engine %s; restarting in %g s", how, delay)
+        self._log.error("engine %s; restarting in %g s", how, delay)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay)
         return not self._stopping.is_set()
@@ -312,7 +332,7 @@ class Supervisor(StateMixin):
         tried = "; ".join(self.attempts)
         last = " | ".join(list(self._tail)[-5:])
         message = f"{why}. Tried: {tried}. Last output: {last}"
-        logger.error(message)
+        self._log.error(message)
         self._set_state(EngineState.FAILED, message, reason)
         return False
 
@@ -324,7 +344,7 @@ class Supervisor(StateMixin):
         try:
             await asyncio.wait_for(process.wait(), self.timing.stop_grace)
         except TimeoutError:
-            logger.warning("engine ignored SIGTERM for %g s; killing it", self.timing.stop_grace)
+            self._log.warning("engine ignored SIGTERM for %g s; killing it", self.timing.stop_grace)
             _signal_group(process.pid, signal.SIGKILL)
             await process.wait()
         # Children that outlived their parent are still in the group.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from lowvram.engine.errors import SetupError
+from lowvram.engine.hardware import GpuFacts, Hardware, HostFacts
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import GiB
 from lowvram.engine.vllm.backend import VllmBackend
@@ -16,8 +18,8 @@ def backend(vram: float = 5, free: int | None = None) -> VllmBackend:
         load_model_facts(str(FIXTURES / "qwen2.5-7b-instruct")),
         TEST_MACHINE,
         EngineSettings(_env_file=None, vram=int(vram * GiB)),  # type: ignore[call-arg]
-        detect_free=lambda: free,
-        measure_vram=lambda: int(4.5 * GiB),
+        detect_free=lambda _: free,
+        measure_vram=lambda _: int(4.5 * GiB),
     )
 
 
@@ -96,3 +98,60 @@ def test_a_busy_gpu_is_re_planned_for_what_is_free() -> None:
     engine = backend(vram=8, free=int(6 * GiB))
     assert engine.step_down("gpu_busy") is not None
     assert engine.plan.budget == int(6 * GiB * 0.95)
+
+
+# --- several GPUs ---------------------------------------------------------------------------
+
+TWO_H200 = Hardware(
+    tuple(GpuFacts("H200", 140 * GiB, 139 * GiB, (9, 0), 55e9, i) for i in range(2)),
+    HostFacts(256 * GiB, 250 * GiB),
+)
+
+
+def on_two(model: str, vram: float, replica: int = 0, used: float = 9.0) -> VllmBackend:
+    return VllmBackend(
+        load_model_facts(str(FIXTURES / model)),
+        TWO_H200,
+        EngineSettings(_env_file=None, vram=int(vram * GiB), gpus=2),  # type: ignore[call-arg]
+        replica=replica,
+        measure_vram=lambda index: int((used + index) * GiB),
+    )
+
+
+def test_a_split_engine_gets_both_gpus_and_its_tensor_parallel_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    engine = on_two("llama-3.3-70b-instruct-awq", 10)
+    launch = engine.launch(port=40001, api_key="k")
+    assert launch.argv[launch.argv.index("--tensor-parallel-size") + 1] == "2"
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # the planner's numbering
+    assert "tensor parallel over 2 GPUs" in launch.description
+    before = engine.plan
+    assert engine.step_down("out_of_memory") is not None
+    assert engine.plan.tensor_parallel == 2 and engine.plan.rung == before.rung + 1
+
+
+def test_each_replica_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    first, second = (on_two("qwen3-8b", 22, replica=i) for i in (0, 1))
+    assert first.deployment.replicas == 2 and first.plan.tensor_parallel == 1
+    assert first.launch(40001, "k").env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert second.launch(40002, "k").env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_every_gpu_is_checked_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    engine = on_two("llama-3.3-70b-instruct-awq", 10, used=9.5)  # GPU 0: 9.5, GPU 1: 10.5 GiB
+    engine.observed = {"offloaded_gib": engine.plan.cpu_offload_bytes / GiB}
+    problems = engine.verify()
+    assert len(problems) == 1 and "GPU 1 uses 10.50 GiB" in problems[0]
+    assert "GPU 0" not in problems[0]
+    assert "GPU 0 9.50 GiB, GPU 1 10.50 GiB" in engine.report()
+
+
+def test_replicas_refuse_gpus_named_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2a,GPU-11c0")
+    with pytest.raises(SetupError, match="indices"):
+        on_two("qwen3-8b", 22)

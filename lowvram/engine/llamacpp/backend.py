@@ -42,12 +42,16 @@ class LlamaCppBackend:
         self.observed: dict[str, int] = {}
 
     @classmethod
-    def from_settings(cls, settings: EngineSettings, hardware: Hardware) -> LlamaCppBackend:
-        """Build llama.cpp's server if need be, fetch the model if need be, and plan."""
+    def from_settings(
+        cls, settings: EngineSettings, hardware: Hardware, replicas: int = 1
+    ) -> list[LlamaCppBackend]:
+        """Build llama.cpp's server if need be, fetch the model if need be, and plan one
+        backend per replica (each its own server process)."""
         server = shlex.split(settings.command) if settings.command else ensure_server()
         model = resolve_gguf(settings.model, settings.models_dir)
-        plan = plan_llamacpp(model, read_metadata(model.path), settings, hardware.host)
-        return cls(plan, settings, server)
+        metadata = read_metadata(model.path)
+        plan = plan_llamacpp(model, metadata, settings, hardware.host, replicas)
+        return [cls(plan, settings, server) for _ in range(replicas)]
 
     def launch(self, port: int, api_key: str) -> Launch:
         self.observed = {}

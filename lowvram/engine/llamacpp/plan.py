@@ -68,21 +68,25 @@ def plan_llamacpp(
     metadata: dict[str, Any],
     settings: EngineSettings,
     host: HostFacts,
+    replicas: int = 1,
 ) -> LlamaCppPlan:
+    """One server's plan; with `replicas`, one of that many sharing the cores and the RAM
+    (the mapped weights once: the page cache shares them; a KV cache each)."""
     arch = metadata.get("general.architecture", "llama")
     layers = int(metadata.get(f"{arch}.block_count", 0))
     trained = int(metadata.get(f"{arch}.context_length", DEFAULT_CONTEXT))
     context = max(MIN_CONTEXT, min(settings.context or DEFAULT_CONTEXT, trained))
     parallel = settings.concurrency or DEFAULT_PARALLEL
-    threads = settings.threads or usable_cores()
+    threads = settings.threads or max(1, usable_cores() // replicas)
     per_token = kv_bytes_per_token(metadata, arch)
     weights = model.path.stat().st_size
     reasons = [
         f"context {context} of the {trained} the model was trained for",
         f"{parallel} sequences at once share one KV cache ({per_token // 1024} KiB per token, f16)",
-        f"{threads} threads: the cores this process may use",
+        f"{threads} threads: the cores this process may use"
+        + (f", shared by {replicas} replicas" if replicas > 1 else ""),
     ]
-    room = host.available_bytes - weights - HOST_RESERVE
+    room = (host.available_bytes - weights - HOST_RESERVE) // replicas
     while parallel > 1 and parallel * context * per_token > room:
         parallel //= 2
     if parallel * context * per_token > room:

@@ -1,4 +1,9 @@
-"""vLLM's own OpenAI server (the AsyncLLM engine), run from a plan."""
+"""vLLM's own OpenAI server (the AsyncLLM engine), run from a plan on its GPUs.
+
+One backend is one engine: on one GPU, or split over a group of them (vLLM's tensor or
+pipeline parallelism, its own worker processes). Replicas are several backends, each with
+its group (engine/factory.py).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,12 @@ from pydantic import ByteSize
 from lowvram.engine.backend import Launch
 from lowvram.engine.errors import PlanError, SetupError
 from lowvram.engine.handle import ServedModel
-from lowvram.engine.hardware import Hardware, detect_gpus, gpu_memory_used
+from lowvram.engine.hardware import Hardware, detect_gpus, devices_by_index, gpu_memory_used
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import GiB, gib
+from lowvram.engine.vllm.deployment import Deployment, plan_deployment
 from lowvram.engine.vllm.model import ModelFacts
 from lowvram.engine.vllm.plan import EnginePlan
-from lowvram.engine.vllm.planner import plan_vllm
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -36,8 +41,10 @@ _LOADED = re.compile(r"Model loading took ([0-9.]+) GiB")
 _KV_TOKENS = re.compile(r"GPU KV cache size: ([0-9,]+) tokens")
 
 
-def _free_now() -> int | None:
-    return next((gpu.free_bytes for gpu in detect_gpus()), None)
+def _free_now(indices: Sequence[int]) -> int | None:
+    """The least memory free now on any of these GPUs."""
+    free = [gpu.free_bytes for gpu in detect_gpus() if gpu.index in indices]
+    return min(free) if free else None
 
 
 class VllmBackend:
@@ -50,20 +57,31 @@ class VllmBackend:
         hardware: Hardware,
         settings: EngineSettings,
         *,
-        detect_free: Callable[[], int | None] = _free_now,
-        measure_vram: Callable[[], int | None] = gpu_memory_used,
+        deployment: Deployment | None = None,
+        replica: int = 0,
+        detect_free: Callable[[Sequence[int]], int | None] = _free_now,
+        measure_vram: Callable[[int], int | None] = gpu_memory_used,
     ) -> None:
         if hardware.gpu is None:
             raise SetupError("vLLM needs an NVIDIA GPU and none was found")
-        self._model, self._gpu, self._host = model, hardware.gpu, hardware.host
+        self._model = model
         self.settings = settings
         command = shlex.split(settings.command) if settings.command else None
         self._command = command or [sys.executable, "-m", SERVER_MODULE]
         self._extra_args = shlex.split(settings.extra_args)
         self._detect_free = detect_free
         self._measure_vram = measure_vram
-        self.plan: EnginePlan = plan_vllm(model, self._gpu, self._host, settings)
+        self.deployment = deployment or plan_deployment(model, hardware, settings)
+        if self.deployment.replicas > 1 and not devices_by_index():
+            raise SetupError(
+                "replicas need CUDA_VISIBLE_DEVICES as GPU indices (e.g. 0,1), not UUIDs"
+            )
+        self.gpus = self.deployment.groups[replica]
+        """This engine's GPUs, by index."""
+        self.plan: EnginePlan = self.deployment.plan
         self.observed: dict[str, float] = {}
+        self.vram_used: dict[int, int] = {}
+        """Bytes in use on each of its GPUs once ready (nvidia-smi's figure)."""
 
     def launch(self, port: int, api_key: str) -> Launch:
         self.observed = {}
@@ -79,7 +97,11 @@ class VllmBackend:
         ]
         # The key goes in the environment: a command line is visible to every local user.
         env: dict[str, str | None] = {**self.plan.to_env(), "VLLM_API_KEY": api_key}
-        return Launch(argv, env, self.plan.explain())
+        if devices_by_index():
+            # Its GPUs, numbered as NVML and nvidia-smi number them (the planner's numbers).
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.gpus)
+        return Launch(argv, env, self.deployment.explain())
 
     def served_model(self) -> ServedModel:
         return ServedModel(
@@ -109,12 +131,12 @@ class VllmBackend:
     def step_down(self, failure: str) -> str | None:
         settings, rung = self.settings, self.plan.rung + 1
         if failure == "gpu_busy":
-            free = self._detect_free()
+            free = self._detect_free(self.gpus)
             if free is not None and (settings.vram is None or free < settings.vram):
-                # Something else holds part of the card: plan for what is free now.
+                # Something else holds part of a card: plan for what is free now.
                 settings = settings.model_copy(update={"vram": ByteSize(int(free * 0.95))})
         try:
-            plan = plan_vllm(self._model, self._gpu, self._host, settings, rung=rung)
+            plan = self.deployment.replan(settings, self._model, rung)
         except PlanError:
             return None
         before = self.plan
@@ -149,12 +171,21 @@ class VllmBackend:
                 f"vLLM's KV cache holds {kv_tokens:,.0f} tokens, less than one "
                 f"{self.plan.max_model_len}-token sequence"
             )
+        self.vram_used = {
+            index: used for index in self.gpus if (used := self._measure_vram(index)) is not None
+        }
+        over = {i: used for i, used in self.vram_used.items() if used > self.plan.budget}
+        if over:
+            problems.append(
+                "over the budget of "
+                + gib(self.plan.budget)
+                + ": "
+                + ", ".join(f"GPU {i} uses {gib(used)}" for i, used in over.items())
+                + " (lower ENGINE_VRAM to leave more room)"
+            )
         return problems
 
     def report(self) -> str:
-        measured = self._measure_vram()
-        if measured is not None:
-            self.observed["vram_bytes"] = measured
         est = self.plan.estimate
         weights, kv_tokens = (
             self.observed.get("weights_gib", 0.0),
@@ -169,8 +200,13 @@ class VllmBackend:
                 f"offloaded {self.observed.get('offloaded_gib', 0):.2f} GiB "
                 f"(plan {self.plan.cpu_offload_bytes / GiB:.2f})"
             )
-        if measured is not None:
+        if self.vram_used:
+            split = len(self.gpus) > 1
+            used = ", ".join(
+                f"GPU {i} {gib(b)}" if split else gib(b) for i, b in self.vram_used.items()
+            )
+            each = " each" if split else ""
             parts.append(
-                f"VRAM {gib(measured)} (est {gib(est.total)}, budget {gib(self.plan.budget)})"
+                f"VRAM {used} (est {gib(est.total)}, budget {gib(self.plan.budget)}{each})"
             )
         return "vLLM ready: " + ", ".join(parts)

@@ -50,6 +50,9 @@ class ModelFacts:
     quant_method: str | None = None
     """Pre-quantized checkpoints: awq, gptq, fp8, bitsandbytes, compressed-tensors."""
     quant_bits: int | None = None
+    quant_group_size: int | None = None
+    """Weights per quantization scale (AWQ, GPTQ: 128 usually); a tensor-parallel shard
+    must hold whole groups."""
     qkv_bias: bool = False
     qk_norm: bool = False
     experts: int = 0
@@ -115,6 +118,45 @@ class ModelFacts:
     def kv_bytes_per_token(self, kv_dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * kv_dtype_bytes
 
+    # --- splitting over GPUs ----------------------------------------------------------
+
+    def tensor_parallel_problem(self, size: int) -> str | None:
+        """Why vLLM cannot split this model `size` ways by tensors; None if it can.
+
+        Attention splits by heads (key/value heads are replicated where there are fewer
+        than GPUs), the MLP by columns of its intermediate size; a quantized shard must
+        hold whole groups of weights.
+        """
+        if self.heads % size:
+            return f"{self.heads} attention heads do not split {size} ways"
+        if self.kv_heads % size and size % self.kv_heads:
+            return f"{self.kv_heads} key/value heads do not split {size} ways"
+        inter = self.expert_intermediate if self.experts else self.intermediate
+        if inter % size:
+            return f"the MLP's {inter} columns do not split {size} ways"
+        group = self.quant_group_size
+        if group and ((inter // size) % group or (self.heads * self.head_dim // size) % group):
+            return f"a 1/{size} shard would cut the checkpoint's {group}-weight groups"
+        return None
+
+    def shard(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> ModelFacts:
+        """What one GPU holds when vLLM splits the model: heads, MLP columns and vocabulary
+        `tensor_parallel` ways (its column- and row-parallel layers), layers
+        `pipeline_parallel` ways. Norms and the residual stream stay whole on every GPU."""
+        tp = tensor_parallel
+        if tp == 1 and pipeline_parallel == 1:
+            return self
+        return replace(
+            self,
+            heads=self.heads // tp,
+            kv_heads=max(1, self.kv_heads // tp),
+            intermediate=self.intermediate // tp,
+            expert_intermediate=self.expert_intermediate // tp,
+            shared_expert_intermediate=self.shared_expert_intermediate // tp,
+            vocab=-(-self.vocab // tp),
+            layers=-(-self.layers // pipeline_parallel),
+        )
+
 
 def parse_config(config: dict[str, Any], name: str) -> ModelFacts:
     """ModelFacts from a `config.json`; multimodal configs nest it under `text_config`."""
@@ -151,6 +193,9 @@ def parse_config(config: dict[str, Any], name: str) -> ModelFacts:
             ),
             quant_method=quant.get("quant_method"),
             quant_bits=quant.get("bits") or (4 if quant.get("load_in_4bit") else None),
+            quant_group_size=quant.get("group_size")
+            if isinstance(quant.get("group_size"), int) and quant["group_size"] > 0
+            else None,
             qkv_bias=bool(text.get("attention_bias", text.get("model_type") == "qwen2")),
             qk_norm=text.get("model_type") in ("qwen3", "qwen3_moe"),
             experts=experts,

@@ -48,7 +48,7 @@ class EnginePlan(BaseModel):
     served_name: str
     """The model id the engine (and the gateway) serves."""
     budget: int = Field(gt=0)
-    """VRAM the engine may use, bytes."""
+    """VRAM the engine may use on each of its GPUs, bytes."""
     gpu_total: int = Field(gt=0)
     """The card's memory, bytes (sets --gpu-memory-utilization for vLLM's start-up check)."""
     dtype: Literal["bfloat16", "float16", "auto"]
@@ -57,9 +57,15 @@ class EnginePlan(BaseModel):
     checkpoint), or a pre-quantized checkpoint's own method (awq, gptq, ...)."""
     quantization_arg: str | None = None
     """What `--quantization` says: set only for quantizing at load time."""
+    tensor_parallel: int = Field(1, ge=1)
+    """GPUs each layer is split over (vLLM's --tensor-parallel-size)."""
+    pipeline_parallel: int = Field(1, ge=1)
+    """GPUs the layers are divided between (vLLM's --pipeline-parallel-size)."""
     offloaded_layers: int = Field(ge=0)
+    """Per GPU: its layers (or shards of layers) kept in host memory."""
     cpu_offload_bytes: int = Field(ge=0)
-    """Bytes of layer weights kept in pinned host memory and read over PCIe each step."""
+    """Per GPU: bytes of layer weights kept in pinned host memory and read over PCIe each
+    step (vLLM's --cpu-offload-gb is per GPU too)."""
     kv_cache_bytes: int = Field(gt=0)
     kv_bytes_per_token: int = Field(gt=0)
     max_model_len: int = Field(ge=64)
@@ -74,6 +80,9 @@ class EnginePlan(BaseModel):
     estimate: VramEstimate
     pcie_bytes_per_s: float = Field(25e9, gt=0)
     """The host-to-GPU rate the offload estimate used."""
+    tokens_per_s: float = Field(0.0, ge=0)
+    """Estimated decode tokens/s over all its sequences (for comparing plans; an upper
+    bound where layers are offloaded)."""
     reasons: tuple[str, ...]
     """Why each choice was made, in the order the planner made them."""
     warnings: tuple[str, ...] = ()
@@ -91,6 +100,11 @@ class EnginePlan(BaseModel):
         if self.estimate.kv_cache != self.kv_cache_bytes:
             raise ValueError("the estimate must count the configured KV cache")
         return self
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one engine of this plan runs on."""
+        return self.tensor_parallel * self.pipeline_parallel
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -123,6 +137,10 @@ class EnginePlan(BaseModel):
             "--block-size",
             str(self.block_size),
         ]
+        if self.tensor_parallel > 1:
+            argv += ["--tensor-parallel-size", str(self.tensor_parallel)]
+        if self.pipeline_parallel > 1:
+            argv += ["--pipeline-parallel-size", str(self.pipeline_parallel)]
         if self.quantization_arg:
             argv += ["--quantization", self.quantization_arg]
         if self.cpu_offload_bytes:
@@ -161,12 +179,17 @@ class EnginePlan(BaseModel):
             ("CUDA graphs", est.cuda_graphs),
         ]
         width = max(len(name) for name, _ in rows) + 2
-        lines = [f"plan for {self.served_name} within {gib(self.budget)} (rung {self.rung})", ""]
+        per_gpu = f" per GPU, on {self.gpus} GPUs" if self.gpus > 1 else ""
+        lines = [
+            f"plan for {self.served_name} within {gib(self.budget)}{per_gpu} (rung {self.rung})",
+            "",
+        ]
         lines += [f"  {name:<{width}}{gib(value):>12}" for name, value in rows]
         lines += [f"  {'total (estimate)':<{width}}{gib(est.total):>12}", ""]
         if self.cpu_offload_bytes:
             offloaded = gib(self.cpu_offload_bytes)
-            lines.append(f"  offloaded to host: {self.offloaded_layers} layers, {offloaded}")
+            each = " (each GPU)" if self.gpus > 1 else ""
+            lines.append(f"  offloaded to host{each}: {self.offloaded_layers} layers, {offloaded}")
         lines += ["why:"] + [f"  - {reason}" for reason in self.reasons]
         if self.warnings:
             lines += ["warnings:"] + [f"  - {warning}" for warning in self.warnings]

@@ -72,6 +72,15 @@ EAGER_STEP = 0.008
 HOST_RESERVE = 4 * GiB
 """Host RAM left to the OS, the gateway and vLLM's own process beside offloaded layers."""
 
+PARALLEL_OVERHEAD = 512 * MiB
+"""Per GPU of a split engine: NCCL's communicators and vLLM's custom all-reduce buffers
+(an estimate from their documented sizes; not yet measured here)."""
+ALLREDUCE_SECONDS = 30e-6
+"""One all-reduce of a decode step's hidden states (KiBs to a few MiB: latency-bound),
+two per layer with tensor parallelism; 10-30 us over NVLink, more over PCIe."""
+STAGE_HANDOFF_SECONDS = 50e-6
+"""Handing a batch's hidden states from one pipeline stage to the next."""
+
 PREQUANTIZED_BYTES_PER_PARAM = {"awq": 0.52, "gptq": 0.52, "fp8": 1.0, "bitsandbytes": 0.5}
 
 
@@ -198,17 +207,22 @@ def layout(
     pcie_bytes_per_s: float = DEFAULT_PCIE_BYTES_PER_S,
     kv_tokens: int | None = None,
     host_bytes: int | None = None,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
 ) -> Layout | None:
-    """This configuration's memory and speed; None if one full context does not fit, or
-    the offloaded layers do not fit in `host_bytes` of host RAM (with a reserve).
+    """This configuration's memory and speed on one GPU; None if one full context does not
+    fit, or the offloaded layers do not fit in `host_bytes` of host RAM (with a reserve).
 
+    `model` is what one GPU holds (`ModelFacts.shard` of a split engine); the parallel
+    sizes add the split's memory and the time its GPUs spend talking.
     `kv_tokens` None gives the KV cache all the room left (capped at seqs x context).
     """
     if host_bytes is not None and offloaded * scheme.layer_bytes + HOST_RESERVE > host_bytes:
         return None
+    split = tensor_parallel * pipeline_parallel > 1
     per_token = model.kv_bytes_per_token()
     activations = int(_activations(model, batched_tokens, seqs, scheme) * margin)
-    overhead = int(FIXED_OVERHEAD * margin)
+    overhead = int((FIXED_OVERHEAD + (PARALLEL_OVERHEAD if split else 0)) * margin)
     graphs = 0 if eager else CUDA_GRAPHS
     on_gpu = model.layers - offloaded
     weights = _resident(model, scheme) + on_gpu * (scheme.layer_bytes + scheme.gpu_extra_per_layer)
@@ -220,9 +234,16 @@ def layout(
     kv = kv_tokens * per_token
     if kv_tokens < context or kv > room:
         return None
+    # Each GPU reads its own offloaded layers over its own link, at the same time.
     transfer = offloaded * scheme.layer_bytes / pcie_bytes_per_s
     read = (model.layers * scheme.layer_bytes + _resident(model, scheme)) / GPU_BYTES_PER_S
-    step = transfer + read * scheme.slowdown + (EAGER_STEP if eager else 0.0)
+    # Pipeline stages run one after another for a token: a step is all of them (vLLM
+    # keeps each busy with another batch, which is what lets the KV cache hold more).
+    step = (transfer + read * scheme.slowdown) * pipeline_parallel
+    step += EAGER_STEP if eager else 0.0
+    if tensor_parallel > 1:
+        step += 2 * model.layers * pipeline_parallel * ALLREDUCE_SECONDS
+    step += (pipeline_parallel - 1) * STAGE_HANDOFF_SECONDS
     estimate = VramEstimate(
         cuda_context=overhead,
         weights=weights,
@@ -247,8 +268,20 @@ def plan_vllm(
     settings: EngineSettings,
     *,
     rung: int = 0,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
 ) -> EnginePlan:
-    """The plan for `model` on `gpu` within `settings.vram`; `rung` > 0 is more cautious."""
+    """The plan for `model` on `gpu` within `settings.vram`; `rung` > 0 is more cautious.
+
+    With parallel sizes above 1 the engine spans that many GPUs like `gpu`, each with the
+    budget, and `host` is the host RAM this engine's GPUs may offload to.
+    """
+    tp, pp = tensor_parallel, pipeline_parallel
+    if tp > 1 and (problem := model.tensor_parallel_problem(tp)):
+        raise PlanError(f"{model.name} cannot be split over {tp} GPUs by tensors: {problem}")
+    if pp > model.layers:
+        raise PlanError(f"{model.name} has {model.layers} layers, too few for {pp} stages")
+    whole, model = model, model.shard(tp, pp)
     budget = int(settings.vram) if settings.vram is not None else int(gpu.free_bytes * 0.95)
     if budget > gpu.total_bytes:
         raise PlanError(
@@ -291,6 +324,8 @@ def plan_vllm(
                     margin=margin,
                     pcie_bytes_per_s=pcie,
                     host_bytes=host.available_bytes,
+                    tensor_parallel=tp,
+                    pipeline_parallel=pp,
                 )
                 if found is not None:
                     yield found
@@ -308,18 +343,40 @@ def plan_vllm(
             wanted = "asked" if settings.context else "default"
             warnings.append(f"context reduced to {ctx} tokens to fit ({wanted} {context})")
     if chosen is None:
-        floor = _floor(model, schemes[-1], margin)
+        floor = _floor(model, schemes[-1], margin, split=tp * pp > 1)
         offload = model.layers * schemes[-1].layer_bytes + HOST_RESERVE
         free = gib(host.available_bytes)
         ram = f"; offloading it needs ~{gib(offload)} of host RAM, {free} is free"
+        gpus = f" per GPU over {tp * pp} GPUs" if tp * pp > 1 else ""
         raise PlanError(
-            f"{model.name} does not fit in {gib(budget)}: the floor is {gib(floor)} "
+            f"{model.name} does not fit in {gib(budget)}{gpus}: the floor is {gib(floor)} "
             f"(every layer offloaded, one {MIN_CONTEXT}-token sequence, "
             f"{token_choices[-1]} batched tokens, {schemes[-1].name})"
             + (ram if offload > host.available_bytes else "")
-            + ". Raise --vram, or use a smaller model."
+            + ". Raise --vram, add GPUs, or use a smaller model."
         )
-    return _finish(model, gpu, host, settings, chosen, budget, rung, pcie, why, warnings)
+    if tp * pp > 1:
+        why.insert(0, _split_reason(whole, tp, pp))
+    plan = _finish(whole, model, gpu, host, settings, chosen, budget, rung, pcie, why, warnings)
+    return plan.model_copy(update={"tensor_parallel": tp, "pipeline_parallel": pp})
+
+
+def _split_reason(model: ModelFacts, tp: int, pp: int) -> str:
+    if tp > 1:
+        kv = (
+            f"{model.kv_heads // tp} of its {model.kv_heads}"
+            if model.kv_heads >= tp
+            else f"a copy of 1 of its {model.kv_heads}"
+        )
+        return (
+            f"tensor parallel over {tp} GPUs: each holds 1/{tp} of every layer "
+            f"({model.heads // tp} of {model.heads} attention heads, {kv} key/value heads), "
+            f"and they all-reduce twice per layer per step"
+        )
+    return (
+        f"pipeline parallel over {pp} GPUs: each holds {-(-model.layers // pp)} of the "
+        f"{model.layers} layers ({model.tensor_parallel_problem(pp) or 'by choice'})"
+    )
 
 
 Candidates = Callable[[Scheme, int, bool, range], Iterator[Layout]]
@@ -403,15 +460,17 @@ def _label(scheme: Scheme) -> str:
     }.get(scheme.name, f"the checkpoint's {scheme.name}")
 
 
-def _floor(model: ModelFacts, scheme: Scheme, margin: float) -> int:
-    """The smallest budget any plan could use for this model."""
+def _floor(model: ModelFacts, scheme: Scheme, margin: float, split: bool = False) -> int:
+    """The smallest budget any plan could use for this model (or this shard of it)."""
     kv = math.ceil(MIN_CONTEXT / BLOCK_SIZE) * BLOCK_SIZE * model.kv_bytes_per_token()
     act = int(_activations(model, BATCHED_TOKENS[-1], 1, scheme) * margin)
-    usable = int(FIXED_OVERHEAD * margin) + act + kv + _resident(model, scheme)
+    overhead = FIXED_OVERHEAD + (PARALLEL_OVERHEAD if split else 0)
+    usable = int(overhead * margin) + act + kv + _resident(model, scheme)
     return max(usable + SAFETY_MIN, math.ceil(usable / (1 - SAFETY_FRACTION)))
 
 
 def _finish(
+    whole: ModelFacts,
     model: ModelFacts,
     gpu: GpuFacts,
     host: HostFacts,
@@ -458,7 +517,7 @@ def _finish(
         reasons.append("this GPU has no bfloat16: float16")
     if scheme.name == "fp8" and gpu.compute_capability == (0, 0):
         warnings.append("FP8 needs compute capability 8.9 or newer (Ada, Hopper); assumed here")
-    parsers = choose_parsers(model, settings.tool_parser, settings.reasoning_parser)
+    parsers = choose_parsers(whole, settings.tool_parser, settings.reasoning_parser)
     return EnginePlan(
         model=model.name,
         served_name=_served_name(model.name),
@@ -480,6 +539,7 @@ def _finish(
         reasoning_parser=parsers.reasoning,
         estimate=chosen.estimate,
         pcie_bytes_per_s=pcie,
+        tokens_per_s=chosen.tokens_per_s,
         reasons=tuple(reasons + list(parsers.reasons)),
         warnings=tuple(warnings),
         rung=rung,

@@ -1,0 +1,138 @@
+"""End to end: `lowvram serve` managing two llama.cpp servers (ENGINE_REPLICAS=2) with the
+real 0.5B model; one is SIGKILLed with streams under way. Its streams end with an error
+event and `[DONE]`, the other's finish, every new request is answered, and the supervisor
+brings the killed one back into the rotation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ServeProcess, lowvram_serve, wait_for
+
+pytestmark = pytest.mark.e2e
+
+KEY = "e2e-client-key-0002"
+ADMIN = "e2e-admin-key-0002"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    tmp = tmp_path_factory.mktemp("replicas")
+    env = {
+        "GATEWAY_API_KEYS": KEY,
+        "GATEWAY_ADMIN_API_KEYS": ADMIN,
+        "ENGINE_BACKEND": "llamacpp",
+        "ENGINE_REPLICAS": "2",
+        "ENGINE_CONTEXT": "2048",
+        "ENGINE_CONCURRENCY": "2",
+    }
+    with lowvram_serve(tmp, env, ready_timeout=1800) as process:
+        wait_for(lambda: states(process.url) == ["ready", "ready"], 300, "both replicas")
+        yield process
+
+
+def states(url: str) -> list[str]:
+    body = httpx.get(url + "/ready", timeout=5).json()
+    return [r["state"] for r in body.get("replicas", [])]
+
+
+def llama_servers(parent: int) -> list[int]:
+    """The llama-server processes `lowvram serve` started (its children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"llama-server" in command:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def outstanding(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    prefix = "lowvram_replica_outstanding_requests{replica="
+    return {
+        line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_two_engines_each_with_its_own_log(served: ServeProcess) -> None:
+    body = httpx.get(served.url + "/ready", timeout=5).json()
+    assert [r["name"] for r in body["replicas"]] == ["cpu0", "cpu1"]
+    assert len(llama_servers(served.process.pid)) == 2
+    logs = [served.engine_log.with_name(f"engine-{i}.log") for i in (0, 1)]
+    assert all("llama-server" in log.read_text(errors="replace") for log in logs)
+
+
+def test_one_engine_killed_under_load_loses_no_request_silently(served: ServeProcess) -> None:
+    url = served.url
+    streams = 4
+    first_tokens = threading.Semaphore(0)
+
+    def stream(i: int) -> list[str]:
+        body = {
+            "model": "default",
+            "messages": [{"role": "user", "content": f"Count from {i} to {i + 40}."}],
+            "max_tokens": 48,
+            "ignore_eos": True,  # llama.cpp's own field: a fixed length to be cut in the middle
+            "stream": True,
+        }
+        data: list[str] = []
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120
+        ) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                    if len(data) == 1:
+                        first_tokens.release()
+        return data
+
+    pool = ThreadPoolExecutor(streams)
+    futures = [pool.submit(stream, i) for i in range(streams)]
+    for _ in range(streams):
+        assert first_tokens.acquire(timeout=120)
+    assert min(outstanding(url).values()) >= 1  # both engines are streaming
+    victim = llama_servers(served.process.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+
+    # Every new request is answered, by the engine still up.
+    question = {"model": "default", "max_tokens": 4, "temperature": 0}
+    for i in range(6):
+        ask = question | {"messages": [{"role": "user", "content": f"Say {i}."}]}
+        response = httpx.post(url + "/v1/chat/completions", json=ask, headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] is not None
+
+    errored = completed = 0
+    for future in futures:
+        data = future.result(timeout=300)
+        assert data[-1] == "[DONE]"
+        last = json.loads(data[-2])
+        if "error" in last:
+            errored += 1
+            assert last["error"]["code"] == "upstream_error"
+        else:
+            completed += 1
+    pool.shutdown()
+    assert errored >= 1 and completed >= 1
+
+    # The supervisor restarts the killed engine; the pool takes it back.
+    wait_for(lambda: states(url) == ["ready", "ready"], 300, "the killed engine back")
+    assert victim not in llama_servers(served.process.pid)
+    assert len(llama_servers(served.process.pid)) == 2
