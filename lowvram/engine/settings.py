@@ -58,7 +58,8 @@ class EngineSettings(BaseSettings):
     models_dir: Path = Field(default_factory=lambda: data_dir() / "models")
     """Where downloaded and assembled GGUF files are cached."""
     log_file: Path = Field(default_factory=lambda: data_dir() / "engine.log")
-    """The engine's own output, every line (the gateway's log has a summary)."""
+    """The engine's own output, every line (the gateway's log has a summary); replicas
+    write engine-0.log, engine-1.log, ... beside it."""
     ready_timeout: float = Field(900.0, gt=0)
     """Seconds an engine start may take (vLLM: minutes on a cold machine)."""
     max_restarts: int = Field(1, ge=0)
