@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.helpers import child_processes
+
 KEY = "bench-replicas-key-0001"
 ADMIN = "bench-replicas-admin-0001"
 ENGINES = (b"vllm.entrypoints", b"llama-server")
@@ -61,16 +63,7 @@ def all_ready(url: str) -> bool:
 
 def engines_of(parent: int) -> list[int]:
     """The engine processes `lowvram serve` started (its children), oldest first."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and any(name in command for name in ENGINES):
-            found.append(int(stat.parent.name))
-    return sorted(found)
+    return child_processes(parent, ENGINES)
 
 
 async def one_stream(

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +201,59 @@ def lowvram_serve(
 def asked(**values: Any) -> EngineSettings:
     """Engine settings holding only what a test asks for (a budget, a context...)."""
     return EngineSettings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+# --- several engines: streams under way, processes, per-replica metrics -------------------
+
+
+def start_streams(
+    url: str, bodies: Sequence[dict[str, Any]], headers: dict[str, str], timeout: float
+) -> list[Future[list[str]]]:
+    """Send each body as a stream, each from its own thread, and return once every one has
+    its first event (its engine has the request). Each future gives its `data:` lines."""
+    first_events = threading.Semaphore(0)
+
+    def stream(body: dict[str, Any]) -> list[str]:
+        data: list[str] = []
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout
+        ) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line[6:])
+                    if len(data) == 1:
+                        first_events.release()
+        return data
+
+    pool = ThreadPoolExecutor(len(bodies))
+    futures = [pool.submit(stream, body) for body in bodies]
+    pool.shutdown(wait=False)
+    for _ in bodies:
+        assert first_events.acquire(timeout=timeout), "a stream never started"
+    return futures
+
+
+def outstanding_by_replica(url: str, admin_key: str) -> dict[str, float]:
+    """`lowvram_replica_outstanding_requests` from /metrics, by replica name."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {admin_key}"}).text
+    prefix = "lowvram_replica_outstanding_requests{replica="
+    return {
+        line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def child_processes(parent: int, names: Sequence[bytes]) -> list[int]:
+    """Pids of `parent`'s children whose command line holds one of `names`, oldest first."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and any(name in command for name in names):
+            found.append(int(stat.parent.name))
+    return sorted(found)

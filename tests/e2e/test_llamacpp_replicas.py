@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import ServeProcess, lowvram_serve, wait_for
+from tests.helpers import (
+    ServeProcess,
+    child_processes,
+    lowvram_serve,
+    outstanding_by_replica,
+    start_streams,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,26 +52,7 @@ def states(url: str) -> list[str]:
 
 def llama_servers(parent: int) -> list[int]:
     """The llama-server processes `lowvram serve` started (its children)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and b"llama-server" in command:
-            found.append(int(stat.parent.name))
-    return sorted(found)
-
-
-def outstanding(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
-    prefix = "lowvram_replica_outstanding_requests{replica="
-    return {
-        line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(prefix)
-    }
+    return child_processes(parent, [b"llama-server"])
 
 
 def test_two_engines_each_with_its_own_log(served: ServeProcess) -> None:
@@ -80,34 +65,18 @@ def test_two_engines_each_with_its_own_log(served: ServeProcess) -> None:
 
 def test_one_engine_killed_under_load_loses_no_request_silently(served: ServeProcess) -> None:
     url = served.url
-    streams = 4
-    first_tokens = threading.Semaphore(0)
-
-    def stream(i: int) -> list[str]:
-        body = {
+    bodies = [
+        {
             "model": "default",
             "messages": [{"role": "user", "content": f"Count from {i} to {i + 40}."}],
             "max_tokens": 48,
             "ignore_eos": True,  # llama.cpp's own field: a fixed length to be cut in the middle
             "stream": True,
         }
-        data: list[str] = []
-        with httpx.stream(
-            "POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120
-        ) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    data.append(line[6:])
-                    if len(data) == 1:
-                        first_tokens.release()
-        return data
-
-    pool = ThreadPoolExecutor(streams)
-    futures = [pool.submit(stream, i) for i in range(streams)]
-    for _ in range(streams):
-        assert first_tokens.acquire(timeout=120)
-    assert min(outstanding(url).values()) >= 1  # both engines are streaming
+        for i in range(4)
+    ]
+    futures = start_streams(url, bodies, AUTH, timeout=120)
+    assert min(outstanding_by_replica(url, ADMIN).values()) >= 1  # both engines are streaming
     victim = llama_servers(served.process.pid)[0]
     os.kill(victim, signal.SIGKILL)
 
@@ -129,7 +98,6 @@ def test_one_engine_killed_under_load_loses_no_request_silently(served: ServePro
             assert last["error"]["code"] == "upstream_error"
         else:
             completed += 1
-    pool.shutdown()
     assert errored >= 1 and completed >= 1
 
     # The supervisor restarts the killed engine; the pool takes it back.

@@ -12,9 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,14 @@ from lowvram.engine.external import ExternalEngine
 from lowvram.engine.replicas import Replicas
 from lowvram.gateway.app import create_app
 from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, gateway_settings
-from tests.helpers import ROOT, serve, wait_for, wait_ready
+from tests.helpers import (
+    ROOT,
+    outstanding_by_replica,
+    serve,
+    start_streams,
+    wait_for,
+    wait_ready,
+)
 
 NAMES = ("a", "b")
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -113,45 +118,18 @@ def test_a_replica_killed_under_load_loses_nothing_silently(
     pool: tuple[str, dict[str, int], dict[str, Any]], auth: dict[str, str]
 ) -> None:
     url, ports, processes = pool
-    streams = 8
-    started = ThreadPoolExecutor(streams)
-    first_tokens = threading.Semaphore(0)
-
-    def stream(i: int) -> list[str]:
-        body = {
+    bodies = [
+        {
             "model": "fake-model",
             "messages": [{"role": "user", "content": f"stream {i}"}],
             "stream": True,
             "fake": {"tokens": 60, "delay": 0.05},
         }
-        data = []
-        with httpx.stream(
-            "POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=30
-        ) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    data.append(line[6:])
-                    if len(data) == 1:
-                        first_tokens.release()
-        return data
-
-    futures = [started.submit(stream, i) for i in range(streams)]
-    metrics_url = url + "/metrics"
-
-    def both_streaming() -> bool:
-        text = httpx.get(metrics_url, headers=ADMIN, timeout=5).text
-        prefix = "lowvram_replica_outstanding_requests{replica="
-        busy = {
-            line[len(prefix) + 1 : line.index('"}')]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(prefix)
-        }
-        return len(busy) == len(NAMES) and min(busy.values()) > 0
-
-    for _ in range(streams):  # every stream is under way: its engine has the request
-        assert first_tokens.acquire(timeout=10)
-    assert both_streaming()
+        for i in range(8)
+    ]
+    futures = start_streams(url, bodies, auth, timeout=30)
+    busy = outstanding_by_replica(url, ADMIN_KEY)
+    assert set(busy) == set(NAMES) and min(busy.values()) > 0  # streams on both
     processes["a"].send_signal(signal.SIGKILL)
     processes["a"].wait(10)
     # New requests right away: the first may find "a" still marked ready (its health check
@@ -161,7 +139,6 @@ def test_a_replica_killed_under_load_loses_nothing_silently(
     assert {r.json()["system_fingerprint"] for r in after} == {"b"}
 
     ended = [f.result(timeout=30) for f in futures]
-    started.shutdown()
     completed = errored = 0
     for data in ended:
         assert data[-1] == "[DONE]"  # every stream ends properly, whichever replica it was on
