@@ -131,6 +131,8 @@ def test_a_split_engine_gets_both_gpus_and_its_tensor_parallel_size(
     before = engine.plan
     assert engine.step_down("out_of_memory") is not None
     assert engine.plan.tensor_parallel == 2 and engine.plan.rung == before.rung + 1
+    # The next start says what it now runs, not what the first one did.
+    assert f"(rung {before.rung + 1})" in engine.launch(port=40002, api_key="k").description
 
 
 def test_each_replica_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,10 +78,14 @@ class VllmBackend:
             )
         self.gpus = self.deployment.groups[replica]
         """This engine's GPUs, by index."""
-        self.plan: EnginePlan = self.deployment.plan
         self.observed: dict[str, float] = {}
         self.vram_used: dict[int, int] = {}
         """Bytes in use on each of its GPUs once ready (nvidia-smi's figure)."""
+
+    @property
+    def plan(self) -> EnginePlan:
+        """This engine's plan (re-planned one rung down after a failed start)."""
+        return self.deployment.plan
 
     def launch(self, port: int, api_key: str) -> Launch:
         self.observed = {}
@@ -136,11 +140,11 @@ class VllmBackend:
                 # Something else holds part of a card: plan for what is free now.
                 settings = settings.model_copy(update={"vram": ByteSize(int(free * 0.95))})
         try:
-            plan = self.deployment.replan(settings, self._model, rung)
+            deployment = self.deployment.replan(settings, self._model, rung)
         except PlanError:
             return None
-        before = self.plan
-        self.settings, self.plan = settings, plan
+        before, plan = self.plan, deployment.plan
+        self.settings, self.deployment = settings, deployment
         return (
             f"rung {rung}: {plan.offloaded_layers} layers offloaded "
             f"(was {before.offloaded_layers}), "

@@ -19,7 +19,7 @@ share, and the GPUs read what is offloaded over their own links at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowvram.engine.errors import PlanError
 from lowvram.engine.hardware import GpuFacts, Hardware, HostFacts
@@ -43,17 +43,20 @@ class Deployment:
     """The GPU the plan was made for: the one with the least memory free."""
     host: HostFacts
     """The host RAM one engine may offload to: its GPUs' share."""
-    tokens_per_s: float
-    """Estimated decode tokens/s of all engines together."""
     reasons: tuple[str, ...] = ()
 
     @property
     def replicas(self) -> int:
         return len(self.groups)
 
-    def replan(self, settings: EngineSettings, model: ModelFacts, rung: int) -> EnginePlan:
-        """Each engine's plan one rung down, split the same way (after a failed start)."""
-        return plan_vllm(
+    @property
+    def tokens_per_s(self) -> float:
+        """Estimated decode tokens/s of all engines together."""
+        return self.plan.tokens_per_s * self.replicas
+
+    def replan(self, settings: EngineSettings, model: ModelFacts, rung: int) -> Deployment:
+        """The same split with each engine's plan one rung down (after a failed start)."""
+        plan = plan_vllm(
             model,
             self.gpu,
             self.host,
@@ -62,6 +65,7 @@ class Deployment:
             tensor_parallel=self.plan.tensor_parallel,
             pipeline_parallel=self.plan.pipeline_parallel,
         )
+        return replace(self, plan=plan)
 
     def explain(self) -> str:
         if self.replicas == 1 and len(self.groups[0]) == 1:
@@ -147,7 +151,7 @@ def plan_deployment(model: ModelFacts, hardware: Hardware, settings: EngineSetti
         reasons += [*lines, _why(plan, replicas, planned)]
     elif n > 1:
         reasons += [*lines, f"ENGINE_REPLICAS={replicas} asks for this split"]
-    return Deployment(plan, groups, gpu, host, plan.tokens_per_s * replicas, tuple(reasons))
+    return Deployment(plan, groups, gpu, host, tuple(reasons))
 
 
 def _split(model: ModelFacts, size: int, n: int) -> tuple[int, int, str]:
