@@ -135,5 +135,9 @@ class StateMixin:
         self._state, self._detail = state, detail
         self._reason = reason or _REASONS[state]
         if changed:
-            for listener in self._listeners:
-                listener(state)
+            self._notify()
+
+    def _notify(self) -> None:
+        """Tell the listeners the state, also where it stays but what it means changed."""
+        for listener in self._listeners:
+            listener(self._state)

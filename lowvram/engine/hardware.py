@@ -112,24 +112,28 @@ def devices_by_index() -> bool:
     """Whether CUDA_VISIBLE_DEVICES is unset or names GPUs by index: then the planner's
     indices can narrow it for each engine."""
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return devices is None or all(d.strip().isdigit() for d in devices.split(",") if d.strip())
+    return devices is None or _indices(devices) is not None
 
 
 def visible(gpus: list[GpuFacts], devices: str | None) -> list[GpuFacts]:
     """The GPUs CUDA_VISIBLE_DEVICES names, in its order (indices only; a list with UUIDs
     or MIG names is left to CUDA, and all GPUs are planned for)."""
-    if devices is None:
-        return gpus
-    names = [d.strip() for d in devices.split(",") if d.strip()]
-    if not all(name.isdigit() for name in names):
+    indices = None if devices is None else _indices(devices)
+    if indices is None:
         return gpus
     by_index = {gpu.index: gpu for gpu in gpus}
     chosen = []
-    for name in names:
-        if int(name) not in by_index:
+    for index in indices:
+        if index not in by_index:
             break  # CUDA ignores the rest of the list after an invalid index
-        chosen.append(by_index[int(name)])
+        chosen.append(by_index[index])
     return chosen
+
+
+def _indices(devices: str) -> list[int] | None:
+    """CUDA_VISIBLE_DEVICES's entries as indices; None where one is a UUID or MIG name."""
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    return [int(name) for name in names] if all(name.isdigit() for name in names) else None
 
 
 def _all_gpus() -> list[GpuFacts]:

@@ -168,10 +168,6 @@ class Replicas(StateMixin):
                 return
         self._set_state(EngineState.STOPPED, "stopped")
 
-    def _notify(self) -> None:
-        for listener in self._listeners:
-            listener(self.state)
-
 
 def as_replicas(engine: EngineHandle) -> Replicas:
     """The pool the gateway routes through: the engine itself if it is one."""

@@ -200,6 +200,7 @@ class Gateway:
             if picked is None:  # every replica refused, or the last went down meanwhile
                 raise refused or self._unavailable(self.engine.state)
             member, release = picked
+            exchange.resources.callback(release)  # release() is idempotent
             counter = TokenCounter(self.client, member)
             try:
                 if exchange.endpoint.generates:
@@ -216,17 +217,13 @@ class Gateway:
                     read_timeout=self.settings.read_timeout,
                 )
             except EngineUnavailable as exc:
-                release()
                 if not self.pooled:
                     raise
+                release()  # before trying another, not when the request ends
                 refused = exc
                 self.engine.suspect(member)
                 unreachable.append(member)
                 continue
-            except BaseException:
-                release()
-                raise
-            exchange.resources.callback(release)
             exchange.replica = self.engine.name_of(member)
             return upstream, counter
 
