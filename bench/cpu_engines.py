@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import httpx
 from lowvram.engine.llamacpp.build import ensure_server
 from lowvram.engine.llamacpp.fetch import resolve_gguf
 from lowvram.engine.llamacpp.plan import usable_cores
+from lowvram.engine.supervisor import free_port
 from lowvram.paths import data_dir
 
 SHORT = "What is the capital of France? Answer in one word."
@@ -49,12 +49,6 @@ class Engine:
     ttft_short: list[float] = field(default_factory=list)
     ttft_long: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

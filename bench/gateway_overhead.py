@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,16 +36,12 @@ from typing import Any
 
 import aiohttp
 
+from lowvram.engine.supervisor import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-client-key-0001"
 UPSTREAM_KEY = "bench-upstream-key"
 PACED = {"tokens": 500, "delay": 0.01}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

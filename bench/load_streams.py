@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,15 +22,11 @@ from pathlib import Path
 
 import aiohttp
 
+from lowvram.engine.supervisor import free_port
+
 KEY = "bench-client-key-0001"
 UPSTREAM_KEY = "bench-upstream-key"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_and_fds(pid: int) -> tuple[float, int]:

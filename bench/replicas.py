@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,25 +28,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import child_processes
+from lowvram.engine.supervisor import free_port
+from tests.helpers import child_processes, replica_states, wait_for
 
 KEY = "bench-replicas-key-0001"
 ADMIN = "bench-replicas-admin-0001"
 ENGINES = (b"vllm.entrypoints", b"llama-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def replica_states(url: str) -> list[str]:
-    try:
-        body = httpx.get(url + "/ready", timeout=5).json()
-    except (httpx.HTTPError, ValueError):
-        return []
-    return [r["state"] for r in body.get("replicas", [])]
 
 
 def all_ready(url: str) -> bool:
@@ -117,15 +103,6 @@ async def measure(url: str, streams: int, max_tokens: int) -> dict[str, float]:
     }
 
 
-def wait(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model")
@@ -170,10 +147,11 @@ def main() -> int:
     )
     rows: list[tuple[str, dict[str, float]]] = []
     try:
-        wait(
+        wait_for(
             lambda: serve.poll() is not None or all_ready(url),
             args.ready_timeout,
             "every replica ready",
+            interval=0.5,
         )
         if serve.poll() is not None:
             raise RuntimeError("lowvram serve exited:\n" + (work / "serve.log").read_text()[-3000:])
@@ -185,7 +163,12 @@ def main() -> int:
         if not args.no_kill:
             victim = engines_of(serve.pid)[-1]
             os.killpg(victim, signal.SIGKILL)
-            wait(lambda: replica_states(url).count("ready") == replicas - 1, 60, "the kill noticed")
+            wait_for(
+                lambda: list(replica_states(url).values()).count("ready") == replicas - 1,
+                60,
+                "the kill noticed",
+                interval=0.5,
+            )
             measured = asyncio.run(measure(url, args.streams, args.max_tokens))
             rows.append((f"{replicas - 1} (one killed)", measured))
     finally:

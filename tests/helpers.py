@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import uvicorn
 
 from lowvram.engine.hardware import GpuFacts, Hardware, HostFacts
 from lowvram.engine.settings import EngineSettings
-from lowvram.engine.supervisor import Timing
+from lowvram.engine.supervisor import Timing, free_port
 from lowvram.engine.units import GiB
 from lowvram.engine.vllm.backend import VllmBackend
 from lowvram.engine.vllm.model import load_model_facts
@@ -83,13 +82,15 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(")")[1].split()[0] != "Z"
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01
+) -> None:
     """Poll `condition` until it holds; bounded, and says what it waited for if it fails."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 @contextmanager
@@ -121,6 +122,15 @@ def wait_ready(base_url: str, timeout: float = 20) -> None:
 
 def is_ready(base_url: str) -> bool:
     return ready_state(base_url) == "ready"
+
+
+def replica_states(base_url: str) -> dict[str, str]:
+    """Each replica's state on /ready, by name ({} for a single engine or no answer)."""
+    try:
+        body = httpx.get(f"{base_url}/ready", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {r["name"]: r["state"] for r in body.get("replicas", [])}
 
 
 def ready_state(base_url: str) -> str | None:
@@ -165,9 +175,7 @@ def lowvram_serve(
     workdir: Path, env: dict[str, str], args: Sequence[str] = (), ready_timeout: float = 600
 ) -> Iterator[ServeProcess]:
     """Run `lowvram serve` on a free port until ready; SIGTERM it (then kill) on exit."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log_path = workdir / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -18,6 +18,7 @@ from tests.helpers import (
     child_processes,
     lowvram_serve,
     outstanding_by_replica,
+    replica_states,
     start_streams,
     wait_for,
 )
@@ -41,13 +42,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         "ENGINE_CONCURRENCY": "2",
     }
     with lowvram_serve(tmp, env, ready_timeout=1800) as process:
-        wait_for(lambda: states(process.url) == ["ready", "ready"], 300, "both replicas")
+        wait_for(
+            lambda: list(replica_states(process.url).values()) == ["ready", "ready"],
+            300,
+            "both replicas",
+        )
         yield process
-
-
-def states(url: str) -> list[str]:
-    body = httpx.get(url + "/ready", timeout=5).json()
-    return [r["state"] for r in body.get("replicas", [])]
 
 
 def llama_servers(parent: int) -> list[int]:
@@ -101,6 +101,10 @@ def test_one_engine_killed_under_load_loses_no_request_silently(served: ServePro
     assert errored >= 1 and completed >= 1
 
     # The supervisor restarts the killed engine; the pool takes it back.
-    wait_for(lambda: states(url) == ["ready", "ready"], 300, "the killed engine back")
+    wait_for(
+        lambda: list(replica_states(url).values()) == ["ready", "ready"],
+        300,
+        "the killed engine back",
+    )
     assert victim not in llama_servers(served.process.pid)
     assert len(llama_servers(served.process.pid)) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,11 +21,13 @@ import pytest
 
 from lowvram.engine.external import ExternalEngine
 from lowvram.engine.replicas import Replicas
+from lowvram.engine.supervisor import free_port
 from lowvram.gateway.app import create_app
 from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, gateway_settings
 from tests.helpers import (
     ROOT,
     outstanding_by_replica,
+    replica_states,
     serve,
     start_streams,
     wait_for,
@@ -35,12 +36,6 @@ from tests.helpers import (
 
 NAMES = ("a", "b")
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def answers(url: str) -> bool:
@@ -87,18 +82,13 @@ def chat(url: str, auth: dict[str, str], text: str, **fields: Any) -> httpx.Resp
     return httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=30)
 
 
-def replicas_on_ready(url: str) -> dict[str, str]:
-    body = httpx.get(url + "/ready", timeout=5).json()
-    return {r["name"]: r["state"] for r in body.get("replicas", [])}
-
-
 def test_requests_are_shared_and_the_pool_is_on_ready_and_metrics(
     pool: tuple[str, dict[str, int], dict[str, Any]], auth: dict[str, str]
 ) -> None:
     url, _, _ = pool
     served = [chat(url, auth, f"question {i}").json()["system_fingerprint"] for i in range(12)]
     assert set(served) == set(NAMES)
-    assert replicas_on_ready(url) == {"a": "ready", "b": "ready"}
+    assert replica_states(url) == {"a": "ready", "b": "ready"}
     metrics = httpx.get(url + "/metrics", headers=ADMIN, timeout=5).text
     assert 'lowvram_replica_ready{replica="a"} 1.0' in metrics
     assert 'lowvram_replica_outstanding_requests{replica="b"} 0.0' in metrics
@@ -152,13 +142,13 @@ def test_a_replica_killed_under_load_loses_nothing_silently(
             assert text.split() == [f"w{i}" for i in range(60)]
     assert errored >= 1 and completed >= 1  # a's streams said so; b's finished
 
-    wait_for(lambda: replicas_on_ready(url).get("a") == "failed", 10, "a taken out")
+    wait_for(lambda: replica_states(url).get("a") == "failed", 10, "a taken out")
     ready = httpx.get(url + "/ready", timeout=5)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
     # Back on the same port: back in the rotation.
     with double_process(ports["a"], "a"):
-        wait_for(lambda: replicas_on_ready(url).get("a") == "ready", 10, "a back")
+        wait_for(lambda: replica_states(url).get("a") == "ready", 10, "a back")
         served = {chat(url, auth, f"again {i}").json()["system_fingerprint"] for i in range(8)}
         assert served == {"a", "b"}
 
