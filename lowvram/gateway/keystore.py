@@ -90,16 +90,29 @@ class UsageRecord:
     ts: float = 0.0
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """Open the database, created readable by its owner only: it holds key hashes and who
-    asked what. SQLite gives the -wal and -shm files the database file's permissions."""
+    asked what. SQLite gives the -wal and -shm files the database file's permissions.
+
+    SQLite itself creates the file, under a umask that leaves only the owner's bits: its
+    locks are POSIX locks, which a process loses on every descriptor of the file when it
+    closes any one of them, so nothing here may open the file outside SQLite (a serving
+    gateway would lose its locks and the next `lowvram keys` delete its WAL).
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    with _UMASK_LOCK:  # the umask is the process's: one connect at a time changes it
+        umask = os.umask(0o077)
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            os.umask(umask)
     stat = path.stat()
     if stat.st_mode & 0o077 and stat.st_uid == os.getuid():
         path.chmod(0o600)  # made readable by others by an older version
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
     # WAL with NORMAL sync survives a crash of the process, not of the machine; a fsync per
     # request would cost more than the request.
     conn.execute("PRAGMA synchronous=NORMAL")

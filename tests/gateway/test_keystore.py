@@ -1,0 +1,100 @@
+"""The key database shared by a serving gateway and `lowvram keys`, as SQLite requires.
+
+A serving gateway keeps the database open in WAL mode; `lowvram keys` opens and closes it
+in other processes. SQLite's locks are POSIX locks, which a process loses on *every*
+descriptor of the file as soon as it closes *any* one: code that opens the file outside
+SQLite (to create it 0600, say) silently drops the gateway's locks, and the next CLI close
+believes it is the last user and deletes the -wal and -shm files the gateway still uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+from lowvram.gateway.keystore import KeyStore, UsageLog, UsageRecord
+from tests.conftest import CLIENT_KEY, GatewayFactory
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def lowvram_keys(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lowvram", "keys", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"GATEWAY_DB_PATH": str(db)},
+    )
+
+
+def test_keys_made_by_the_cli_while_serving_under_load_work_at_once(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    db = tmp_path / "gateway.sqlite3"
+    gateway = make_gateway()
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def load() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as client:
+            while not stop.is_set():
+                status = client.post(gateway + "/v1/chat/completions", json=CHAT).status_code
+                answered.append(status)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        for i in range(8):
+            created = lowvram_keys(db, "create", f"app-{i}", "--quiet")
+            assert created.returncode == 0, created.stderr
+            key = created.stdout.strip()
+            response = httpx.post(
+                gateway + "/v1/chat/completions",
+                json=CHAT,
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert response.status_code == 200, f"key {i} made while serving: {response.text}"
+            assert lowvram_keys(db, "list").returncode == 0
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    assert answered and set(answered) == {200}
+    listed = lowvram_keys(db, "list")
+    assert listed.returncode == 0, listed.stderr
+    for i in range(8):  # each new key's one request is in the usage log, visible to the CLI
+        line = next(line for line in listed.stdout.splitlines() if line.startswith(f"app-{i} "))
+        assert line.split()[6] == "1", line
+    check = sqlite3.connect(db)
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    env_rows = check.execute("SELECT COUNT(*) FROM usage WHERE key_name = 'env-0'").fetchone()
+    check.close()
+    assert env_rows[0] == len(answered)  # every answered request has its row
+
+
+def test_the_database_and_its_wal_files_are_readable_by_their_owner_only(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "data" / "gateway.sqlite3"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    store = KeyStore(db)
+    log = UsageLog(db)
+    store.create("someone")
+    log.record(UsageRecord("r1", "someone", "m", "chat", 1, 1, 200, 1.0))
+    log.close()
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():  # -wal and -shm exist while a connection is open
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+    store.close()
+    assert os.umask(umask) == umask  # the process's umask is back as it was
