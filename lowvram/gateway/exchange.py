@@ -3,17 +3,21 @@
 The exchange owns what a request holds (its key's lease, its admission slot) in an
 `ExitStack`, and is finished exactly once, by whichever of these ends the response:
 
-    an error escaping the handler     `with exchange:` finishes with the error's status
-    a JSON answer                     `Gateway._call` finishes it once the body is read
-    a stream                          `RelayResponse` finishes it after the last byte
+    an error escaping the handler     `async with exchange:` settles it with the error's status
+    a JSON answer                     `Gateway._call` settles it once the body is read
+    a stream                          `StreamRelay` settles it before the stream's last bytes
+    a client gone, a cancelled task   `finish()`, from wherever that is noticed
 
 Finishing releases the resources, counts the request in the metrics and the usage log,
 and hands the access log its fields through `access_fields` (a context variable set by
-the middleware for each request).
+the middleware for each request). Settling is finishing and then waiting until the usage
+row is committed, so that an answer the client has in full is billed even if the gateway
+is killed a moment later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from contextlib import ExitStack
@@ -93,6 +97,7 @@ class Exchange:
         self._started = time.perf_counter()
         self._first_token: float | None = None
         self._finished = False
+        self._committed: asyncio.Future[None] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -114,10 +119,10 @@ class Exchange:
             self.prompt_tokens = prompt if isinstance(prompt, int) else self.prompt_tokens
             self.completion_tokens = completion if isinstance(completion, int) else None
 
-    def __enter__(self) -> Exchange:
+    async def __aenter__(self) -> Exchange:
         return self
 
-    def __exit__(
+    async def __aexit__(
         self,
         kind: type[BaseException] | None,
         error: BaseException | None,
@@ -127,11 +132,18 @@ class Exchange:
         if error is None:
             return
         if isinstance(error, APIError):
-            self.finish(error.status_code)
+            await self.settle(error.status_code)
         elif isinstance(error, Exception):
-            self.finish(500)
-        else:  # cancelled: the client is gone
+            await self.settle(500)
+        else:  # cancelled: the client is gone, nobody waits for the answer
             self.finish(CLIENT_CLOSED)
+
+    async def settle(self, status: int | None = None) -> None:
+        """Finish, then wait until the usage row is committed: call it before the answer's
+        last byte goes out. Shielded: a client leaving meanwhile does not undo the row."""
+        self.finish(status)
+        if self._committed is not None and not self._committed.done():
+            await asyncio.shield(self._committed)
 
     def finish(self, status: int | None = None) -> None:
         """Idempotent: the first call settles the request."""
@@ -176,7 +188,7 @@ class Exchange:
         if self.completion_tokens:
             metrics.child(metrics.tokens, "completion").inc(self.completion_tokens)
         if self._usage_log is not None:
-            self._usage_log.record(
+            self._committed = self._usage_log.record(
                 UsageRecord(
                     request_id=self.request_id,
                     key_name=self.key.name,

@@ -7,6 +7,8 @@ and `close()` drains the queue so that no row is lost on shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,6 +90,9 @@ class UsageRecord:
     status: int
     latency_ms: float
     ts: float = 0.0
+
+
+_Pending = tuple[UsageRecord, "asyncio.Future[None] | None"]
 
 
 _UMASK_LOCK = threading.Lock()
@@ -211,43 +216,54 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
 
 
 class UsageLog:
-    """Appends usage rows from a background thread; `close()` writes what is queued.
+    """Appends usage rows from one writer thread; a row is committed before its answer ends.
 
-    The writer wakes on a timer and drains the queue in one transaction, rather than
-    waking for every row: a thread woken per request costs the event loop a GIL hand-off
-    on every request.
+    A usage row is what someone bills from, so it must survive a kill -9 of the gateway
+    once the client has its answer. `record()` queues the row and returns a future that
+    resolves when the row's transaction has committed; the request awaits it before its
+    last byte goes out (see exchange.py). The writer takes everything queued into one
+    transaction (group commit): under load, rows that arrive while one commit runs share
+    the next, so a commit per request is paid only when requests are rare. `close()`
+    writes what is queued.
     """
 
-    FLUSH_INTERVAL = 0.25
     MAX_BATCH = 1000
 
     def __init__(self, path: Path) -> None:
         self._conn = _connect(path)
         self._conn.executescript(_SCHEMA)
-        self._queue: queue.SimpleQueue[UsageRecord] = queue.SimpleQueue()
-        self._closing = threading.Event()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
 
-    def record(self, row: UsageRecord) -> None:
-        self._queue.put(row)
+    def record(self, row: UsageRecord) -> asyncio.Future[None] | None:
+        """Queue `row`; from the event loop, a future done once it is committed."""
+        try:
+            future: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
+        except RuntimeError:
+            future = None  # not called from an event loop: nobody waits
+        self._queue.put((row, future))
+        return future
 
     def close(self) -> None:
-        self._closing.set()
+        self._queue.put(None)
         self._thread.join()
         self._conn.close()
 
     def _run(self) -> None:
-        while True:
-            closing = self._closing.wait(self.FLUSH_INTERVAL)
-            while not self._queue.empty():
-                batch = [self._queue.get() for _ in range(min(self._queue.qsize(), self.MAX_BATCH))]
-                try:
-                    self._write(batch)
-                except sqlite3.Error:
-                    logger.exception("could not write %d usage rows", len(batch))
-            if closing:
-                return
+        closing = False
+        while not (closing and self._queue.empty()):
+            pending = [self._queue.get()]  # sleeps until there is work
+            while len(pending) < self.MAX_BATCH and not self._queue.empty():
+                pending.append(self._queue.get())
+            closing = closing or None in pending
+            batch = [item for item in pending if item is not None]
+            try:
+                self._write([row for row, _ in batch])
+            except sqlite3.Error:
+                # The answers still go out: a full disk must not take the API down.
+                logger.exception("could not write %d usage rows", len(batch))
+            _wake([future for _, future in batch if future is not None])
 
     def _write(self, rows: list[UsageRecord]) -> None:
         if not rows:
@@ -276,3 +292,20 @@ class UsageLog:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+
+def _wake(futures: list[asyncio.Future[None]]) -> None:
+    """Wake the requests waiting for their rows, from the writer thread: one call into each
+    event loop per batch, not per row."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for future in futures:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, waiting in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, waiting)
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # a request cancelled meanwhile cancelled its future
+            future.set_result(None)

@@ -138,14 +138,17 @@ class StreamRelay:
                     out = self._relay_read(chunk, spans, on_event)
                     if out:
                         yield out
-            yield await self._ending()
+            ending = await self._ending()
         except httpx.HTTPError as exc:
-            yield self._end(self._idle_error() if self._timed_out else map_transport_error(exc))
+            ending = self._end(self._idle_error() if self._timed_out else map_transport_error(exc))
         except _Garbage as exc:
-            yield exc.before + self._end(UpstreamError(str(exc)))
+            ending = exc.before + self._end(UpstreamError(str(exc)))
         finally:
             timer.cancel()
             await self.close()
+        # The usage row is committed before the client has the whole answer.
+        await self._exchange.settle()
+        yield ending
         self.completed = True
 
     def _relay_read(

@@ -146,7 +146,7 @@ class Gateway:
             metrics=self.metrics,
             usage_log=self.usage_log,
         )
-        with exchange:
+        async with exchange:
             schema = _SCHEMAS.get(endpoint)
             if schema is not None:
                 validate(schema, body)
@@ -246,14 +246,14 @@ class Gateway:
         if not isinstance(answer, dict):
             raise UpstreamError("The engine answered with something that is not a JSON object.")
         exchange.record_usage(answer.get("usage"))
-        exchange.finish(200)
+        await exchange.settle(200)
         return Response(raw, media_type="application/json")
 
     async def _engine_refused(
         self, upstream: httpx.Response, exchange: Exchange, request: dict[str, Any]
     ) -> Response:
         status, body = engine_error(upstream.status_code, await _read_all(upstream), request)
-        exchange.finish(status)
+        await exchange.settle(status)
         return JSONResponse(body, status_code=status)
 
 

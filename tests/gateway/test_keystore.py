@@ -9,6 +9,7 @@ believes it is the last user and deletes the -wal and -shm files the gateway sti
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import stat
@@ -20,7 +21,9 @@ from pathlib import Path
 import httpx
 
 from lowvram.gateway.keystore import KeyStore, UsageLog, UsageRecord
-from tests.conftest import CLIENT_KEY, GatewayFactory
+from tests.conftest import CLIENT_KEY, UPSTREAM_KEY, GatewayFactory
+from tests.doubles.fake_upstream import FakeUpstream
+from tests.helpers import lowvram_serve, wait_for
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -98,3 +101,65 @@ def test_the_database_and_its_wal_files_are_readable_by_their_owner_only(
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
     store.close()
     assert os.umask(umask) == umask  # the process's umask is back as it was
+
+
+def test_kill_9_loses_no_usage_row_of_an_answered_request(
+    fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> None:
+    """A row is committed before its answer's last byte: answered means billed."""
+    _, upstream = fake
+    env = {
+        "GATEWAY_UPSTREAM_URL": upstream,
+        "GATEWAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "GATEWAY_API_KEYS": CLIENT_KEY,
+    }
+    answered: list[str] = []
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def load(worker: int, url: str) -> None:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        with httpx.Client(headers=headers, timeout=30) as client:
+            for i in itertools.count():
+                if killed.is_set():
+                    return
+                request_id = f"w{worker}-{i}"
+                body = {**CHAT, "stream": i % 2 == 1, "fake": {"tokens": 5}}
+                try:
+                    if body["stream"]:
+                        with client.stream(
+                            "POST",
+                            url + "/v1/chat/completions",
+                            json=body,
+                            headers={"x-request-id": request_id},
+                        ) as response:
+                            lines = list(response.iter_lines())
+                        done = response.status_code == 200 and "data: [DONE]" in lines
+                    else:
+                        response = client.post(
+                            url + "/v1/chat/completions",
+                            json=body,
+                            headers={"x-request-id": request_id},
+                        )
+                        done = response.status_code == 200 and "choices" in response.json()
+                except (httpx.HTTPError, ValueError):
+                    return  # the gateway was killed
+                if done:
+                    with lock:
+                        answered.append(request_id)
+
+    with lowvram_serve(tmp_path, env, ready_timeout=60) as served:
+        workers = [threading.Thread(target=load, args=(w, served.url)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        wait_for(lambda: len(answered) >= 300, 60, "300 answered requests")
+        served.process.kill()
+        served.process.wait(10)
+        killed.set()
+        for worker in workers:
+            worker.join(30)
+    db = sqlite3.connect(tmp_path / "gateway.sqlite3")
+    rows = {row[0] for row in db.execute("SELECT request_id FROM usage")}
+    db.close()
+    missing = set(answered) - rows
+    assert len(missing) <= len(answered) // 100, f"{len(missing)} of {len(answered)} unbilled"
