@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, SettingsError
 
 from lowvram.engine.errors import EngineError, PlanError
 from lowvram.engine.handle import EngineHandle
+from lowvram.engine.replicas import Replicas
 from lowvram.engine.settings import EngineSettings
 from lowvram.gateway.settings import GatewaySettings
 
@@ -150,11 +151,10 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_engine(gateway: GatewaySettings, engine: EngineSettings) -> EngineHandle:
+def build_engine(gateway: GatewaySettings, engine: EngineSettings) -> EngineHandle | Replicas:
     """The upstream named in the gateway's settings, or an engine we plan, start and watch."""
     if gateway.upstream_url:
         from lowvram.engine.external import ExternalEngine
-        from lowvram.engine.replicas import Replicas
 
         key = gateway.upstream_api_key
         upstreams = [
@@ -193,7 +193,7 @@ def _key_store(path: Path) -> Any:
         ) from None
 
 
-def _banner(settings: GatewaySettings, engine: EngineHandle, has_keys: bool) -> str:
+def _banner(settings: GatewaySettings, engine: EngineHandle | Replicas, has_keys: bool) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     served = engine.model.id if engine.model else "?"
     lines = [

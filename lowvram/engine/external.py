@@ -16,7 +16,11 @@ logger = logging.getLogger("lowvram.engine.external")
 
 
 class ExternalEngine(StateMixin):
-    """Polls `/v1/models` so that `/ready` and 503s follow the upstream's health."""
+    """Polls `/v1/models` so that `/ready` and 503s follow the upstream's health.
+
+    STARTING until it first answers, READY while it does, RESTARTING (away, watched, may
+    come back) once it stops: it is never given up on.
+    """
 
     def __init__(
         self,
@@ -83,8 +87,10 @@ class ExternalEngine(StateMixin):
             if str(exc) != self.detail:  # once per new reason, not every poll
                 logger.warning("upstream not ready: %s", exc)
             if was_ready:
+                # Not FAILED (given up): it is still watched and may come back, so clients
+                # are told to retry (RESTARTING's Retry-After).
                 self._set_state(
-                    EngineState.FAILED, str(exc), "the upstream server stopped answering"
+                    EngineState.RESTARTING, str(exc), "the upstream server stopped answering"
                 )
             else:
                 self._set_state(

@@ -62,7 +62,7 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
     ]
 
 
-def build_engine(settings: EngineSettings) -> EngineHandle:
+def build_engine(settings: EngineSettings) -> EngineHandle | Replicas:
     backends, names = build_backends(settings)
     if len(backends) == 1:
         return Supervisor(backends[0], settings)

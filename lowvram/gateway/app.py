@@ -1,6 +1,6 @@
 """The app factory: lifespan, state, routers, error handlers, middleware, in that order.
 
-    app = create_app(GatewaySettings(), engine)      # any EngineHandle, or Replicas of them
+    app = create_app(GatewaySettings(), engine)      # an EngineHandle, or Replicas of them
     uvicorn.run(app)
 
 The engine is built by the caller (`lowvram serve` builds it before the server starts, so
@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from lowvram.engine.handle import EngineHandle, EngineState
-from lowvram.engine.replicas import as_replicas
+from lowvram.engine.replicas import Replicas, as_replicas
 from lowvram.gateway.auth import Authenticator
 from lowvram.gateway.errors import register_error_handlers
 from lowvram.gateway.keystore import KeyStore, UsageLog
@@ -30,7 +30,7 @@ from lowvram.gateway.upstream import create_client
 
 def create_app(
     settings: GatewaySettings,
-    engine: EngineHandle,
+    engine: EngineHandle | Replicas,
     *,
     on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
@@ -77,7 +77,7 @@ def create_app(
     return app
 
 
-def _call_once_ready(engine: EngineHandle, callback: Callable[[], None]) -> None:
+def _call_once_ready(engine: Replicas, callback: Callable[[], None]) -> None:
     called = False
 
     def listener(state: EngineState) -> None:

@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from contextvars import ContextVar
 from types import TracebackType
 
+from lowvram.engine.replicas import Lease, Outcome
 from lowvram.gateway.errors import APIError, ClientClosed
 from lowvram.gateway.keystore import KeyRecord, UsageLog, UsageRecord
 from lowvram.gateway.metrics import Metrics
@@ -84,8 +85,8 @@ class Exchange:
         self.endpoint = endpoint
         self.stream = stream
         self.model: str | None = None
-        self.replica: str | None = None
-        """Which engine of the pool answered (see engine/replicas.py)."""
+        self.lease: Lease | None = None
+        """The engine of the pool serving it (engine/replicas.py), told how it went."""
         self.status = 200
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -107,9 +108,15 @@ class Exchange:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def replica(self) -> str | None:
+        return self.lease.name if self.lease is not None else None
+
     def mark_first_token(self) -> None:
         if self._first_token is None:
             self._first_token = time.perf_counter()
+            if self.lease is not None:
+                self.lease.received()
 
     def record_usage(self, usage: object) -> None:
         """Take the engine's usage object: chat and completions', or the Responses API's."""
@@ -153,12 +160,22 @@ class Exchange:
         if status is not None:
             self.status = status
         self.resources.close()
+        if self.lease is not None:
+            self.lease.release(self.outcome())
         latency = time.perf_counter() - self._started
         ttft = None if self._first_token is None else self._first_token - self._started
         self._account(latency, ttft)
         fields = access_fields.get()
         if fields is not None:
             fields.update(self._log_fields(ttft))
+
+    def outcome(self) -> Outcome | None:
+        """What the request says about the engine that served it; None: nothing (the client
+        left, the engine was already known to be away, or the gateway itself failed)."""
+        status = self.status
+        if status < 500:
+            return None if status == CLIENT_CLOSED else Outcome.OK
+        return {502: Outcome.FAILED, 504: Outcome.SLOW}.get(status)
 
     def _log_fields(self, ttft: float | None) -> dict[str, object]:
         return {

@@ -38,7 +38,7 @@ from lowvram.gateway.errors import (
 from lowvram.gateway.exchange import CLIENT_CLOSED, Endpoint, Exchange
 from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of
 from lowvram.gateway.tokens import TokenCounter
-from lowvram.gateway.upstream import clean_message, map_transport_error
+from lowvram.gateway.upstream import clean_message, map_transport_error, replica_lost
 
 PASS = object()
 """What an event handler returns to forward the event as the engine wrote it."""
@@ -122,6 +122,9 @@ class StreamRelay:
     async def batches(self) -> AsyncGenerator[bytes, None]:
         """What the client gets for each engine read: complete events, in one piece."""
         timer = IdleTimer(self._idle_timeout, self._expire)
+        lease = self._exchange.lease
+        if lease is not None:
+            lease.on_lost(self._expire)  # the pool took the engine out before its first event
         buffer = EventBuffer()
         on_event = self._on_response_event if self._responses else self._on_event
         try:
@@ -140,7 +143,7 @@ class StreamRelay:
                         yield out
             ending = await self._ending()
         except httpx.HTTPError as exc:
-            ending = self._end(self._idle_error() if self._timed_out else map_transport_error(exc))
+            ending = self._end(self._cut_error() or map_transport_error(exc))
         except _Garbage as exc:
             ending = exc.before + self._end(UpstreamError(str(exc)))
         finally:
@@ -203,8 +206,8 @@ class StreamRelay:
     async def _ending(self) -> bytes:
         """The stream's last bytes once the engine is done: usage we counted, `[DONE]`."""
         if not self._done:
-            error: APIError = UpstreamError("The engine ended the stream unfinished.")
-            return self._end(self._idle_error() if self._timed_out else error)
+            error = UpstreamError("The engine ended the stream unfinished.")
+            return self._end(self._cut_error() or error)
         if self._responses:
             return b""
         if self._saw_usage:
@@ -216,11 +219,18 @@ class StreamRelay:
         self._exchange.status = error.status_code
         return sse_error_event(error) + (b"" if self._responses else DONE)
 
-    def _idle_error(self) -> APIError:
-        return UpstreamTimeout(f"The engine sent nothing for {self._idle_timeout:g} s.")
+    def _cut_error(self) -> APIError | None:
+        """Why the gateway cut the engine's stream, if it did."""
+        lease = self._exchange.lease
+        if lease is not None and lease.lost:
+            return replica_lost()
+        if self._timed_out:
+            return UpstreamTimeout(f"The engine sent nothing for {self._idle_timeout:g} s.")
+        return None
 
     def _expire(self) -> None:
-        """Closing the engine's response wakes the pending read with an error."""
+        """Silent too long, or taken out by the pool: closing the engine's response wakes
+        the pending read with an error."""
         self._timed_out = True
         self._closing = asyncio.ensure_future(self._upstream.aclose())
 

@@ -22,8 +22,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from lowvram.engine.handle import EngineHandle, EngineState, ServedModel
-from lowvram.engine.replicas import Replicas
+from lowvram.engine.handle import EngineState, ServedModel
+from lowvram.engine.replicas import Lease, Replicas, Unreached
 from lowvram.gateway.admission import Admission
 from lowvram.gateway.errors import ClientClosed, EngineUnavailable, UpstreamError
 from lowvram.gateway.exchange import Endpoint, Exchange
@@ -51,12 +51,18 @@ from lowvram.gateway.settings import GatewaySettings
 from lowvram.gateway.tokens import TokenCounter
 from lowvram.gateway.upstream import (
     ENGINE_RETRY_AFTER,
+    EngineCall,
     engine_error,
     map_transport_error,
     open_upstream,
+    replica_lost,
 )
 
 T = TypeVar("T")
+
+TOKENIZE_TIMEOUT = 30.0
+"""Seconds a passed-through /tokenize may take: it answers in milliseconds, and a hung one
+must not hold an admission slot for the generation read timeout."""
 
 # In-flight bound for an engine that does not say how many sequences it batches: vLLM's own
 # default --max-num-seqs, so that a vLLM upstream batches what it can and queues the rest.
@@ -185,51 +191,39 @@ class Gateway:
     async def _open(
         self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
     ) -> tuple[httpx.Response, TokenCounter]:
-        """Wait for a slot, pick a replica, fit the request and send it; return at the
-        engine's headers, with the counter of the replica that answers.
-
-        A replica that refuses the connection never saw the request: it goes to another.
-        """
+        """Wait for a slot, let the pool pick a replica, fit the request and send it; return
+        at the engine's headers, with the counter of the replica that answers."""
         await self.admission.acquire()
         exchange.resources.callback(self.admission.release)
-        key = affinity(exchange.endpoint, body) if self.pooled else None
-        unreachable: list[EngineHandle] = []
-        refused: EngineUnavailable | None = None
-        while True:
-            picked = self.engine.pick(key, exclude=unreachable)
-            if picked is None:  # every replica refused, or the last went down meanwhile
-                raise refused or self._unavailable(self.engine.state)
-            member, release = picked
-            exchange.resources.callback(release)  # release() is idempotent
-            counter = TokenCounter(self.client, member)
-            try:
-                if exchange.endpoint.generates:
-                    exchange.prompt_tokens = await fit_context(
-                        body, exchange.endpoint, served, counter, self.settings.default_max_tokens
-                    )
-                upstream = await open_upstream(
-                    self.client,
-                    member,
-                    exchange.endpoint.path,
-                    body,
-                    exchange.request_id,
-                    stream=exchange.stream,
-                    read_timeout=self.settings.read_timeout,
+        endpoint = exchange.endpoint
+        call = EngineCall(
+            endpoint.path,
+            body,
+            exchange.request_id,
+            exchange.stream,
+            self.settings.read_timeout if endpoint is not Endpoint.TOKENIZE else TOKENIZE_TIMEOUT,
+        )
+
+        async def attempt(lease: Lease) -> tuple[httpx.Response, TokenCounter]:
+            exchange.lease = lease
+            counter = TokenCounter(self.client, lease.member)
+            if endpoint.generates:
+                exchange.prompt_tokens = await fit_context(
+                    body, endpoint, served, counter, self.settings.default_max_tokens
                 )
-            except EngineUnavailable as exc:
-                if not self.pooled:
-                    raise
-                release()  # before trying another, not when the request ends
-                refused = exc
-                self.engine.suspect(member)
-                unreachable.append(member)
-                continue
-            exchange.replica = self.engine.name_of(member)
-            return upstream, counter
+            return await open_upstream(self.client, lease, call), counter
+
+        key = affinity(endpoint, body) if self.engine.pooled else None
+        within = self.settings.replica_slow_seconds if exchange.stream else None
+        try:
+            _, opened = await self.engine.send(key, attempt, first_byte_within=within)
+        except Unreached as exc:  # every replica refused, or the last went down meanwhile
+            raise exc.cause or self._unavailable(self.engine.state) from None
+        return opened
 
     @property
     def pooled(self) -> bool:
-        return len(self.engine.members) > 1
+        return self.engine.pooled
 
     async def _call(
         self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
@@ -238,7 +232,7 @@ class Gateway:
         upstream, _ = await self._open(exchange, served, body)
         if upstream.status_code != 200:
             return await self._engine_refused(upstream, exchange, body)
-        raw = await _read_all(upstream)
+        raw = await _read_all(upstream, exchange.lease)
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):
@@ -252,7 +246,8 @@ class Gateway:
     async def _engine_refused(
         self, upstream: httpx.Response, exchange: Exchange, request: dict[str, Any]
     ) -> Response:
-        status, body = engine_error(upstream.status_code, await _read_all(upstream), request)
+        raw = await _read_all(upstream, exchange.lease)
+        status, body = engine_error(upstream.status_code, raw, request)
         await exchange.settle(status)
         return JSONResponse(body, status_code=status)
 
@@ -273,15 +268,22 @@ def affinity(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
     return json.dumps(head, sort_keys=True, default=str) if head else None
 
 
-async def _read_all(upstream: httpx.Response) -> bytes:
-    """The engine's whole body; the response is closed however the read ends."""
+async def _read_all(upstream: httpx.Response, lease: Lease | None) -> bytes:
+    """The engine's whole body; the response is closed however the read ends, and at once
+    if the pool takes the engine out meanwhile."""
+    closing: list[asyncio.Future[None]] = []
+    if lease is not None:
+        lease.on_lost(lambda: closing.append(asyncio.ensure_future(upstream.aclose())))
     try:
-        return await upstream.aread()
+        raw = await upstream.aread()
     except httpx.HTTPError as exc:
-        raise map_transport_error(exc) from exc
+        raise (replica_lost() if lease and lease.lost else map_transport_error(exc)) from exc
     finally:
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
+    if lease is not None:
+        lease.received()
+    return raw
 
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

@@ -63,6 +63,10 @@ class GatewaySettings(BaseSettings):
     """Longest silence from the engine: a stream's idle time, or a whole JSON answer (s)."""
     max_connections: int = Field(256, ge=1)
     """Connections kept to the engine at most."""
+    replica_slow_seconds: float = Field(30.0, gt=0)
+    """With several engines: a stream whose first event takes longer counts against its
+    engine (three such, or failures, in a row take it out for a while). Raise it for slow
+    CPU engines with long prompts."""
 
     # --- requests ----------------------------------------------------------------------------
     model_aliases: Annotated[dict[str, str], NoDecode] = {}

@@ -10,13 +10,14 @@ import asyncio
 import functools
 import json
 import re
+from dataclasses import dataclass
 from http.cookiejar import CookieJar
 from typing import Any
 
 import httpx
 
-from lowvram.engine.handle import EngineHandle
 from lowvram.engine.probe import auth_headers
+from lowvram.engine.replicas import Lease, Unreached
 from lowvram.gateway.errors import (
     APIError,
     EngineUnavailable,
@@ -27,6 +28,10 @@ from lowvram.gateway.errors import (
 from lowvram.gateway.settings import GatewaySettings
 
 ENGINE_RETRY_AFTER = 10.0
+KEEPALIVE_EXPIRY = 2.0
+"""Seconds an idle connection to the engine is kept: below the engines' own idle timeouts
+(5 s: uvicorn's in vLLM, cpp-httplib's in llama.cpp), so that the gateway closes an idle
+connection before the engine does, and does not send on one the engine is closing."""
 
 
 def create_client(settings: GatewaySettings) -> httpx.AsyncClient:
@@ -39,6 +44,7 @@ def create_client(settings: GatewaySettings) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
     )
     transport: httpx.AsyncBaseTransport | None = None
     if settings.upstream_transport == "aiohttp":
@@ -69,14 +75,14 @@ def _url(base_url: str, path: str) -> httpx.URL:
 
 
 def map_transport_error(exc: httpx.HTTPError) -> APIError:
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-        # httpx-aiohttp reports a refused connection as ConnectTimeout: both mean no engine.
+    if never_connected(exc):
         return EngineUnavailable(
             "The engine is not reachable right now; retry shortly.",
             retry_after=ENGINE_RETRY_AFTER,
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
         return UpstreamTimeout("The engine did not answer in time.")
+    # httpx-aiohttp calls every broken aiohttp connection a ConnectTimeout: not a timeout.
     return UpstreamError(f"The engine's connection failed: {type(exc).__name__}.")
 
 
@@ -135,61 +141,105 @@ def _param_in(message: str, request: dict[str, Any] | None) -> str | None:
     return None
 
 
-async def open_upstream(
-    client: httpx.AsyncClient,
-    engine: EngineHandle,
-    path: str,
-    body: dict[str, Any],
-    request_id: str,
-    *,
-    stream: bool,
-    read_timeout: float,
-) -> httpx.Response:
-    """Send the request and return once the engine's status and headers are in.
+@dataclass(frozen=True)
+class EngineCall:
+    """One request to send to an engine."""
 
-    A stream's reads carry no timeout here: the relay's idle timer bounds its silences
-    (see streaming.py); the wait for the headers is bounded by `read_timeout` all the same.
+    path: str
+    body: dict[str, Any]
+    request_id: str
+    stream: bool
+    read_timeout: float
+    """The longest wait for the engine's headers (a JSON answer's: for all of it)."""
+
+
+async def open_upstream(
+    client: httpx.AsyncClient, lease: Lease, call: EngineCall
+) -> httpx.Response:
+    """Send the request to the lease's member; return once its status and headers are in.
+
+    A connection that could not be made is `Unreached` (nothing was sent: the pool may try
+    another member). A stream's reads carry no timeout here: the relay's idle timer bounds
+    its silences; the wait for the headers is bounded by `read_timeout` all the same, and
+    ends at once if the pool takes the member out meanwhile.
     """
     base = client.timeout
     timeout = (
         base
-        if not stream
+        if not call.stream
         else httpx.Timeout(base.connect, read=None, write=base.write, pool=base.pool)
     )
+    engine = lease.member
     request = client.build_request(
         "POST",
-        _url(engine.base_url, path),
-        content=json.dumps(body).encode(),
+        _url(engine.base_url, call.path),
+        content=json.dumps(call.body).encode(),
         headers={
             "content-type": "application/json",
-            "x-request-id": request_id,
+            "x-request-id": call.request_id,
             **auth_headers(engine.api_key),
         },
         timeout=timeout,
     )
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(read_timeout):
-            try:
-                return await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                if not closed_before_answering(exc):
-                    raise
-                # A kept-alive connection the engine had just closed: the request never
-                # reached it, and a new connection is what every HTTP client does next.
-                return await client.send(request, stream=True)
+        async with asyncio.timeout(call.read_timeout) as deadline:
+            lease.on_lost(lambda: deadline.reschedule(loop.time()))
+            return await _send(client, request)
     except TimeoutError:
+        if lease.lost:
+            raise replica_lost() from None
         raise UpstreamTimeout("The engine did not start its answer in time.") from None
+    finally:
+        lease.on_lost(None)
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True)
     except httpx.HTTPError as exc:
-        raise map_transport_error(exc) from exc
+        if never_connected(exc):
+            raise Unreached(map_transport_error(exc)) from exc
+        if not closed_before_answering(exc):
+            raise map_transport_error(exc) from exc
+    # A kept-alive connection the engine closed as we sent: one more try, on a new
+    # connection, to the same engine only (it may have been the request that made it
+    # close). The client's idle expiry is below the engines' (create_client) to make this
+    # rare.
+    try:
+        return await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise UpstreamError("The engine closed the connection without answering.") from exc
+
+
+def replica_lost() -> EngineUnavailable:
+    return EngineUnavailable(
+        "The engine serving this request was taken out of service before it answered; retry.",
+        retry_after=1,
+    )
+
+
+def never_connected(exc: httpx.HTTPError) -> bool:
+    """Whether no connection to the engine was made, so nothing was sent: refused or no
+    answer to connect (httpx-aiohttp calls a refused connection a ConnectTimeout, with
+    aiohttp's ClientConnectorError as its cause), or no free connection in our own pool."""
+    from aiohttp import ClientConnectorError
+
+    if isinstance(exc, (httpx.ConnectError, httpx.PoolTimeout)):
+        return True
+    cause = exc.__cause__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return cause is None or isinstance(cause, ClientConnectorError)
+    return False
 
 
 def closed_before_answering(exc: httpx.HTTPError) -> bool:
     """Whether the engine closed the connection before answering: how a reused keep-alive
-    connection fails when the server closed it meanwhile (llama.cpp's server does, after
-    some streams). aiohttp says ServerDisconnectedError (httpx-aiohttp passes it on as a
-    ConnectTimeout); httpx's own transport, RemoteProtocolError."""
-    from aiohttp import ServerDisconnectedError
+    connection fails when the server closed it meanwhile. aiohttp says
+    ServerDisconnectedError, or a reset (ClientOSError), which httpx-aiohttp passes on as
+    a ConnectTimeout; httpx's own transport, RemoteProtocolError."""
+    from aiohttp import ClientOSError, ServerDisconnectedError
 
-    if isinstance(exc.__cause__ or exc.__context__, ServerDisconnectedError):
+    if isinstance(exc.__cause__ or exc.__context__, (ServerDisconnectedError, ClientOSError)):
         return True
     return isinstance(exc, httpx.RemoteProtocolError) and "without sending" in str(exc)

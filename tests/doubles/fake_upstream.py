@@ -14,12 +14,15 @@ fields through untouched):
               "status": 500,         # refuse with this status
               "garbage": "html",     # answer 200 with a body that is not JSON
               "garbage_after": 2,    # stream: a data event that is not JSON after 2 chunks
-              "endless": 1000000}}   # stream: this many bytes with no event boundary
+              "endless": 1000000,    # stream: this many bytes with no event boundary
+              "die": true}}          # exit the process at once (run as a process only)
 
 `name`, when set, is the `system_fingerprint` of its JSON answers: which of several
-doubles (replicas behind one gateway) answered. `models_answer`, when set, is what
-`/v1/models` answers (a broken upstream's list); `tokenize_garbage` makes `/tokenize`
-answer 200 with a body that is not JSON.
+doubles (replicas behind one gateway) answered. `always` is merged into every request's
+script (a replica that always sends garbage, or is always slow). `models_answer`, when
+set, is what `/v1/models` answers (a broken upstream's list); `POST /fake/sick` sets it to
+garbage (a replica whose health check starts failing). `tokenize_garbage` makes
+`/tokenize` answer 200 with a body that is not JSON.
 
 Tokens are words: "w0 w1 w2 ...". Prompt tokens are whitespace-separated words plus 3 per
 chat message, the same rule `/tokenize` uses, so tests can predict every count.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +73,9 @@ class FakeUpstream:
     models_answer: Any = None
     tokenize_garbage: bool = False
     name: str | None = None
+    always: dict[str, Any] = field(default_factory=dict)
+    may_die: bool = False
+    """Whether `die` may end the process: only when the double runs as one of its own."""
     records: list[Record] = field(default_factory=list)
 
     def last(self, path: str = "/v1/chat/completions") -> Record:
@@ -84,6 +91,7 @@ class FakeUpstream:
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
                 Route("/v1/chat/completions/input_tokens", self.input_tokens, methods=["POST"]),
+                Route("/fake/sick", self.sick, methods=["POST"]),
             ]
         )
 
@@ -118,6 +126,10 @@ class FakeUpstream:
                 ],
             }
         )
+
+    async def sick(self, request: Request) -> Response:
+        self.models_answer = {"no": "models"}
+        return JSONResponse({"sick": True})
 
     async def input_tokens(self, request: Request) -> Response:
         if self.flavor != "llamacpp":
@@ -212,7 +224,9 @@ class FakeUpstream:
         body = await request.json()
         record = Record(request.url.path, body, dict(request.headers))
         self.records.append(record)
-        script = body.get("fake") or {}
+        script = self.always | (body.get("fake") or {})
+        if script.get("die") and self.may_die:
+            os._exit(1)  # as an engine dies of a request: no answer, connections reset
         if script.get("hang"):
             await sleep_unless_disconnected(request, 3600)
             record.aborted = True
@@ -424,13 +438,16 @@ async def sleep_unless_disconnected(request: Request, seconds: float) -> bool:
 
 
 def main() -> None:
-    """Serve the double alone: `python -m tests.doubles.fake_upstream PORT [API_KEY [NAME]]`."""
+    """Serve the double alone: `python -m tests.doubles.fake_upstream PORT [API_KEY [NAME]]`,
+    with `always` from FAKE_ALWAYS (JSON)."""
     import sys
 
     import uvicorn
 
     args = sys.argv[1:] + [""] * 3
-    double = FakeUpstream(api_key=args[1] or None, name=args[2] or None)
+    always = json.loads(os.environ.get("FAKE_ALWAYS") or "{}")
+    double = FakeUpstream(api_key=args[1] or None, name=args[2] or None, always=always)
+    double.may_die = True
     uvicorn.run(double.app(), host="127.0.0.1", port=int(args[0]), log_level="warning")
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import pytest
 
+from lowvram.engine.handle import EngineState, StateMixin
+from lowvram.engine.replicas import Lease, Unreached, as_replicas
 from lowvram.gateway.errors import APIError
-from lowvram.gateway.upstream import engine_error, map_transport_error, open_upstream
+from lowvram.gateway.upstream import EngineCall, engine_error, map_transport_error, open_upstream
 
 ENGINE_SAID = json.dumps(
     {"error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}}
@@ -51,6 +54,34 @@ def test_engine_refusals(
     assert body["error"]["type"] == expected_type and message_has in body["error"]["message"]
 
 
+def lease() -> Lease:
+    picked = as_replicas(Engine()).pick()
+    assert picked is not None
+    return picked
+
+
+def call(*, stream: bool) -> EngineCall:
+    return EngineCall("/v1/chat/completions", {}, "req-1", stream, read_timeout=5)
+
+
+def refused_as_aiohttp_says_it() -> Exception:
+    from aiohttp import ClientConnectorError
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("engine.test", 80, False, True, None, None, None)
+    error = httpx.ConnectTimeout("Cannot connect")  # what httpx-aiohttp raises
+    error.__cause__ = ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+    return error
+
+
+def disconnected_as_aiohttp_says_it() -> Exception:
+    from aiohttp import ServerDisconnectedError
+
+    error = httpx.ConnectTimeout("Server disconnected")  # what httpx-aiohttp raises
+    error.__cause__ = ServerDisconnectedError()
+    return error
+
+
 @pytest.mark.parametrize(
     ("error", "status", "code"),
     [
@@ -58,6 +89,7 @@ def test_engine_refusals(
         (httpx.ConnectTimeout("slow"), 503, "engine_unavailable"),
         (httpx.PoolTimeout("full"), 503, "engine_unavailable"),
         (httpx.ReadTimeout("silent"), 504, "upstream_timeout"),
+        (disconnected_as_aiohttp_says_it(), 502, "upstream_error"),  # not a timeout at all
         (httpx.RemoteProtocolError("cut"), 502, "upstream_error"),
         (httpx.ReadError("reset"), 502, "upstream_error"),
     ],
@@ -98,11 +130,22 @@ def test_engine_internals_never_reach_the_client() -> None:
 # --- a kept-alive connection the engine closed ----------------------------------------------
 
 
-class Engine:
+class Engine(StateMixin):
     """A TEST DOUBLE of an engine handle: where the request goes."""
 
     base_url = "http://engine.test"
     api_key = None
+    model = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._set_state(EngineState.READY)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
 
 def closing_once(first: Exception) -> tuple[httpx.AsyncClient, list[int]]:
@@ -118,14 +161,6 @@ def closing_once(first: Exception) -> tuple[httpx.AsyncClient, list[int]]:
     return httpx.AsyncClient(transport=httpx.MockTransport(handler)), calls
 
 
-def disconnected_as_aiohttp_says_it() -> Exception:
-    from aiohttp import ServerDisconnectedError
-
-    error = httpx.ConnectTimeout("Server disconnected")  # what httpx-aiohttp raises
-    error.__cause__ = ServerDisconnectedError()
-    return error
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "first",
@@ -137,18 +172,49 @@ def disconnected_as_aiohttp_says_it() -> Exception:
 async def test_a_closed_keep_alive_connection_is_retried_once(first: Exception) -> None:
     client, calls = closing_once(first)
     async with client:
-        response = await open_upstream(
-            client, Engine(), "/v1/chat/completions", {}, "req-1", stream=True, read_timeout=5
-        )
+        response = await open_upstream(client, lease(), call(stream=True))
     assert response.status_code == 200 and len(calls) == 2
 
 
 @pytest.mark.anyio
-async def test_a_refused_connection_is_not_retried_here() -> None:
-    client, calls = closing_once(httpx.ConnectError("refused"))
-    async with client:
+async def test_a_connection_closed_twice_is_a_502_never_sent_elsewhere() -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        raise disconnected_as_aiohttp_says_it()
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         with pytest.raises(APIError) as raised:
-            await open_upstream(
-                client, Engine(), "/v1/chat/completions", {}, "req-1", stream=False, read_timeout=5
-            )
-    assert raised.value.status_code == 503 and len(calls) == 1  # the pool tries another replica
+            await open_upstream(client, lease(), call(stream=False))
+    assert raised.value.status_code == 502 and len(calls) == 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusal", [httpx.ConnectError("refused"), refused_as_aiohttp_says_it()])
+async def test_a_refused_connection_is_unreached_for_the_pool(refusal: Exception) -> None:
+    client, calls = closing_once(refusal)
+    async with client:
+        with pytest.raises(Unreached) as raised:
+            await open_upstream(client, lease(), call(stream=False))
+    assert isinstance(raised.value.cause, APIError)
+    assert raised.value.cause.status_code == 503 and len(calls) == 1  # the pool tries another
+
+
+@pytest.mark.anyio
+async def test_a_wait_for_headers_ends_at_once_when_the_engine_is_taken_out() -> None:
+    started = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        started.set()
+        await asyncio.sleep(60)
+        return httpx.Response(200)
+
+    held = lease()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        opening = asyncio.ensure_future(open_upstream(client, held, call(stream=True)))
+        await started.wait()
+        held._lose()
+        with pytest.raises(APIError) as raised:
+            await asyncio.wait_for(opening, 5)
+    assert raised.value.status_code == 503 and raised.value.retry_after
