@@ -27,6 +27,25 @@ class ChatMessage(_Passthrough):
     content: StrictStr | list[dict[str, Any]] | None = None
 
 
+class FunctionName(_Passthrough):
+    name: StrictStr = Field(min_length=1)
+
+
+class Tool(_Passthrough):
+    """A tool a chat request offers: a function with a name (its schema passes through)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class NamedToolChoice(_Passthrough):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class _Sampling(_Passthrough):
     model: StrictStr | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -41,7 +60,8 @@ class _Sampling(_Passthrough):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
 
 
 class CompletionRequest(_Sampling):

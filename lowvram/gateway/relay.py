@@ -293,12 +293,15 @@ class StreamRelay:
             exchange.chunks += 1
             exchange.mark_first_token()
         elif any(end in data for end in _RESPONSE_ENDS):
+            response = _json(data).get("response")
+            if not isinstance(response, dict):
+                raise _Garbage("The engine ended the response with no response object.")
             self._done = True
-            response = _json(data).get("response") or {}
             exchange.record_usage(response.get("usage"))
             if response.get("status") == "failed":
                 exchange.status = UpstreamError.status_code
-        elif data.startswith(b'{"error"') or b'"type":"error"' in data:
+        elif b'"error"' in data and _is_error(_json(data)):
+            self._done = True  # an error event ends a Responses stream
             exchange.status = UpstreamError.status_code
             return sse_error_event(engine_stream_error(data))
         return PASS
@@ -339,12 +342,21 @@ def _json(data: bytes) -> dict[str, Any]:
     return value
 
 
+def _is_error(event: dict[str, Any]) -> bool:
+    return "error" in event or event.get("type") == "error"
+
+
 def engine_stream_error(data: bytes) -> APIError:
-    """The engine's own error event, with its message cleaned of paths and tracebacks."""
+    """The engine's own error event, with its message cleaned of paths and tracebacks:
+    `{"error": {"message": ...}}` (chat streams) or a Responses API `{"type": "error",
+    "message": ...}` event."""
     try:
-        error = json.loads(data).get("error")
-    except (ValueError, AttributeError, RecursionError):
-        error = None
+        event = json.loads(data)
+    except (ValueError, RecursionError):
+        event = None
+    if not isinstance(event, dict):
+        event = {}
+    error = event.get("error", event if event.get("type") == "error" else None)
     message = error.get("message") if isinstance(error, dict) else error
     return UpstreamError(f"The engine failed: {clean_message(str(message or 'no message'))}")
 

@@ -27,7 +27,10 @@ _HINTS = {
     "stop": "expected a string or a list of at most 16 strings",
     "prompt": "expected a string, a list of strings, or token ids",
     "input": "expected a string, a list of strings, or token ids",
+    "tool_choice": 'expected "none", "auto", "required" or '
+    '{"type": "function", "function": {"name": "..."}}',
 }
+_INSTANCE_OF = re.compile(r" or instance of \w+")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -59,6 +62,8 @@ def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
             "The request contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without "
             "its pair), which is not text."
         ) from None
+    except RecursionError:  # json.loads nests deeper than json.dumps can follow
+        raise BadRequest("The JSON body of your request is nested too deeply.") from None
 
 
 def validate(model: type[Model], body: dict[str, Any]) -> Model:
@@ -69,7 +74,8 @@ def validate(model: type[Model], body: dict[str, Any]) -> Model:
         loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
         param = param_from_loc(loc)
         top = str(loc[0]) if loc else ""
-        reason = _HINTS.get(top, error["msg"]) if len(loc) == 1 else error["msg"]
+        message = _INSTANCE_OF.sub("", error["msg"])  # our class names mean nothing to clients
+        reason = _HINTS.get(top, message) if len(loc) == 1 else message
         if error["type"] == "missing":
             raise BadRequest(f"Missing required parameter: '{param}'.", param=param) from None
         raise BadRequest(f"Invalid value for '{param}': {reason}.", param=param) from None

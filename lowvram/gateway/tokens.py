@@ -22,6 +22,10 @@ from lowvram.engine.handle import EngineHandle
 from lowvram.engine.probe import auth_headers
 from lowvram.gateway.exchange import Endpoint
 
+COUNT_TIMEOUT = 10.0
+"""Seconds a count may take (milliseconds on a healthy engine): a hung tokenizer must not
+hold the request; without a count the engine's own limits apply."""
+
 # Default system prompts and tool instructions some chat templates add on their own.
 TEMPLATE_SLACK = 64
 TOOLS_SLACK = 256
@@ -102,7 +106,10 @@ class TokenCounter:
         engine = self._engine
         try:
             response = await self._client.post(
-                f"{engine.base_url}{path}", json=request, headers=auth_headers(engine.api_key)
+                f"{engine.base_url}{path}",
+                json=request,
+                headers=auth_headers(engine.api_key),
+                timeout=COUNT_TIMEOUT,
             )
             data = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):

@@ -15,14 +15,16 @@ fields through untouched):
               "garbage": "html",     # answer 200 with a body that is not JSON
               "garbage_after": 2,    # stream: a data event that is not JSON after 2 chunks
               "endless": 1000000,    # stream: this many bytes with no event boundary
-              "die": true}}          # exit the process at once (run as a process only)
+              "die": true,           # exit the process at once (run as a process only)
+              "error_event": true,   # Responses stream: a {"type": "error"} event
+              "bad_completed": true}}  # Responses stream: response.completed, no object
 
 `name`, when set, is the `system_fingerprint` of its JSON answers: which of several
 doubles (replicas behind one gateway) answered. `always` is merged into every request's
 script (a replica that always sends garbage, or is always slow). `models_answer`, when
 set, is what `/v1/models` answers (a broken upstream's list); `POST /fake/sick` sets it to
 garbage (a replica whose health check starts failing). `tokenize_garbage` makes
-`/tokenize` answer 200 with a body that is not JSON.
+`/tokenize` answer 200 with a body that is not JSON, `tokenize_hang` never answer.
 
 Tokens are words: "w0 w1 w2 ...". Prompt tokens are whitespace-separated words plus 3 per
 chat message, the same rule `/tokenize` uses, so tests can predict every count.
@@ -72,6 +74,7 @@ class FakeUpstream:
     stream_usage: bool = True
     models_answer: Any = None
     tokenize_garbage: bool = False
+    tokenize_hang: bool = False
     name: str | None = None
     always: dict[str, Any] = field(default_factory=dict)
     may_die: bool = False
@@ -141,6 +144,9 @@ class FakeUpstream:
     async def tokenize(self, request: Request) -> Response:
         body = await request.json()
         self.records.append(Record("/tokenize", body, dict(request.headers)))
+        if self.tokenize_hang or (body.get("fake") or {}).get("hang"):
+            await sleep_unless_disconnected(request, 3600)
+            return Response(status_code=499)
         if self.tokenize_garbage:
             return Response(b"<html>tokens</html>", media_type="application/json")
         if self.flavor == "llamacpp":
@@ -200,6 +206,12 @@ class FakeUpstream:
         async def events() -> Any:
             created = response | {"status": "in_progress", "output": [], "usage": None}
             yield _event("response.created", {"response": created})
+            if script.get("error_event"):  # how vLLM reports a failure mid-response
+                yield _event("error", {"code": "x", "message": "scripted response failure"})
+                return
+            if script.get("bad_completed"):
+                yield _event("response.completed", {"response": "not an object"})
+                return
             for number, word in enumerate(words):
                 if number == script.get("drop_after"):
                     raise ConnectionAbortedError("scripted crash")

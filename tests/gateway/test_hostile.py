@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from lowvram.gateway import serving, tokens
 from lowvram.gateway.keystore import KeyStore
-from tests.conftest import GatewayFactory
+from tests.conftest import ADMIN_KEY, GatewayFactory
 from tests.doubles.fake_upstream import FakeUpstream
 from tests.helpers import assert_openai_error, wait_for
 
@@ -114,7 +115,93 @@ def test_a_malformed_model_list_makes_the_upstream_not_ready_until_it_is_fixed(
     assert chat(gateway, auth).status_code == 200
 
 
+def test_a_hung_tokenize_route_ends_and_frees_its_slot(
+    gateway: str, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serving, "TOKENIZE_TIMEOUT", 0.5)
+    body = {"model": "default", "prompt": "hi", "fake": {"hang": True}}
+    started = time.monotonic()
+    response = httpx.post(gateway + "/tokenize", json=body, headers=auth, timeout=30)
+    assert_openai_error(response, 504, "upstream_timeout")
+    assert time.monotonic() - started < 10
+    metrics = httpx.get(gateway + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert "lowvram_inflight_requests 0.0" in metrics.text
+
+
+def test_a_hung_tokenizer_does_not_hold_a_request_that_needs_a_count(
+    gateway: str, auth: dict[str, str], fake: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens, "COUNT_TIMEOUT", 0.5)
+    fake[0].tokenize_hang = True
+    started = time.monotonic()
+    response = chat(gateway, auth, max_tokens=4090)  # the free bound does not fit: count
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started < 10
+
+
+def test_responses_stream_failures_end_with_the_engines_message_or_an_error(
+    gateway: str, auth: dict[str, str]
+) -> None:
+    def stream(script: dict[str, Any]) -> list[str]:
+        body = {"input": "hi", "stream": True, "fake": script}
+        response = httpx.post(gateway + "/v1/responses", json=body, headers=auth, timeout=30)
+        assert response.status_code == 200
+        return data_of(response)
+
+    failed = json.loads(stream({"error_event": True})[-1])["error"]
+    assert "scripted response failure" in failed["message"]
+    assert failed["code"] == "upstream_error"
+    cut = json.loads(stream({"bad_completed": True})[-1])["error"]
+    assert "no response object" in cut["message"]
+
+
 # --- a hostile client --------------------------------------------------------------------
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": "x"}}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": 3}}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"function": ["get_weather"]}}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": "f"}], "tool_choice": NAMED}, "tools"),
+        ({"tools": [{"type": "function", "function": 7}], "tool_choice": NAMED}, "tools"),
+        ({"tools": [{"type": "function"}], "tool_choice": NAMED}, "tools"),
+    ],
+)
+def test_malformed_tools_are_400s_and_the_connection_lives(
+    make_gateway: GatewayFactory,
+    auth: dict[str, str],
+    fake: Fake,
+    fields: dict[str, Any],
+    param: str,
+) -> None:
+    fake[0].flavor = "llamacpp"  # the path that narrows a named choice to its tool
+    gateway = make_gateway()
+    with httpx.Client(base_url=gateway, headers=auth) as client:
+        body = {"messages": HELLO} | fields
+        error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
+        assert error["param"].startswith(param) and "instance of" not in error["message"]
+        assert client.post("/v1/chat/completions", json={"messages": HELLO}).status_code == 200
+
+
+def test_a_lone_surrogate_nested_near_the_recursion_limit_is_a_400(
+    gateway: str, auth: dict[str, str]
+) -> None:
+    """Parsing nests one level less deep than re-encoding (the check for lone surrogates):
+    some depth just under the limit parses and then cannot be encoded. Try every one."""
+    headers = auth | {"content-type": "application/json"}
+    with httpx.Client(base_url=gateway, headers=headers) as client:
+        for depth in range(900, 1000):
+            for open_, close in ((b"[", b"]"), (b'{"a":', b"}")):
+                raw = b'{"messages": [{"role": "user", "content": "hi"}], "x": '
+                raw += open_ * depth + b'"\\ud800"' + close * depth + b"}"
+                assert_openai_error(client.post("/v1/chat/completions", content=raw), 400)
 
 
 @pytest.mark.parametrize(
