@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -66,6 +68,13 @@ class UsageError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistaken command line is one line too, naming the flag (not the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 # --- settings from flags -----------------------------------------------------------------
 
 
@@ -77,7 +86,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, flags: Flags) -> None:
         parser.add_argument(
             flag,
             dest=_dest(cls, name),
-            help=field.description,
+            help=(field.description or "").replace("%", "%%"),  # argparse formats help with %
             choices=choices,
             metavar=None if choices else name.upper(),
         )
@@ -103,15 +112,23 @@ def load_settings(cls: type[S], **overrides: Any) -> S:
 
 
 def describe_settings_error(cls: type[BaseSettings], exc: ValidationError) -> str:
-    """`GATEWAY_PORT='abc': Input should be a valid integer, ...` for each bad setting."""
+    """`GATEWAY_PORT='abc': Input should be a valid integer, ...` for each bad setting;
+    a secret's value (keys) is never repeated."""
     prefix = str(cls.model_config.get("env_prefix", ""))
     parts = []
     for error in exc.errors():
-        name = (prefix + str(error["loc"][0])).upper() if error["loc"] else prefix.rstrip("_")
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = (prefix + field).upper() if field else prefix.rstrip("_")
         value = error.get("input")
-        shown = f"={value!r}" if isinstance(value, (str, int, float)) else ""
+        secret = field in cls.model_fields and "SecretStr" in str(cls.model_fields[field])
+        if isinstance(value, str):
+            value = _USERINFO.sub("//***@", value)  # a password in a URL
+        shown = f"={value!r}" if isinstance(value, (str, int, float)) and not secret else ""
         parts.append(f"{name}{shown}: {error['msg']}")
     return "; ".join(parts)
+
+
+_USERINFO = re.compile(r"//[^/@\s]*@")
 
 
 def _dest(cls: type[BaseSettings], name: str) -> str:
@@ -131,6 +148,7 @@ def serve(args: argparse.Namespace) -> int:
     engine_settings = settings_from(EngineSettings, args, SERVE_FLAGS)
     configure_logging(gateway.log_level)
     has_keys = _open_database(gateway.db_path)
+    listener = listen(gateway.host, gateway.port)  # a taken port fails before the engine starts
     engine = build_engine(gateway, engine_settings)
 
     def banner() -> None:
@@ -147,8 +165,32 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(gateway.drain_seconds) or None,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listener])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The gateway's socket, bound here so that a bad host or a taken port is one line
+    naming the settings (uvicorn would log it as JSON and exit 3)."""
+    where = f"{host}:{port} (GATEWAY_HOST, GATEWAY_PORT)"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"cannot listen on {where}: {_reason(exc)}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {where}: {_reason(exc)}") from None
+    return sock
+
+
+def _reason(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def build_engine(gateway: GatewaySettings, engine: EngineSettings) -> EngineHandle | Replicas:
@@ -165,10 +207,17 @@ def build_engine(gateway: GatewaySettings, engine: EngineSettings) -> EngineHand
         ]
         if len(upstreams) == 1:
             return upstreams[0]
-        return Replicas(upstreams, [urlsplit(url).netloc for url in gateway.upstream_url])
+        return Replicas(upstreams, [_public_name(url) for url in gateway.upstream_url])
     from lowvram.engine.factory import build_engine as build_managed
 
     return build_managed(engine)
+
+
+def _public_name(url: str) -> str:
+    """host:port, for /ready and /metrics: never the user:password a URL may carry."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    return f"{host}:{parts.port}" if parts.port else str(host)
 
 
 def _open_database(path: Path) -> bool:
@@ -314,8 +363,8 @@ def build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowvram", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lowvram", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve_parser = commands.add_parser("serve", help="run the gateway (and the engine it manages)")
     add_setting_flags(serve_parser, SERVE_FLAGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
-from lowvram.cli import PLAN_FLAGS, SERVE_FLAGS, build_parser, settings_from
+from lowvram.cli import PLAN_FLAGS, SERVE_FLAGS, build_engine, build_parser, settings_from
 from lowvram.engine.hardware import detect_gpus
+from lowvram.engine.replicas import Replicas
 from lowvram.engine.settings import EngineSettings
 from lowvram.gateway.settings import GatewaySettings
 
@@ -41,7 +43,7 @@ def test_every_flag_is_a_settings_field_with_its_docstring_as_help(
     for flag, (cls, name) in flags.items():
         field = cls.model_fields[name]
         assert field.description, f"{cls.__name__}.{name} has no docstring"
-        assert options[flag].help == field.description
+        assert options[flag].help == field.description.replace("%", "%%")  # argparse's escape
     settings_flags = {f for f in options if f not in ("-h", "--help", "--json")}
     assert settings_flags == set(flags)  # no flag mapped by hand past this table
 
@@ -87,6 +89,11 @@ def test_vllm_without_a_gpu_is_one_line(tmp_path: Path) -> None:
         ({"GATEWAY_UPSTREAM_URL": "not-a-url"}, ("GATEWAY_UPSTREAM_URL", "'not-a-url'", "http(s)")),
         ({"GATEWAY_UPSTREAM_URL": "ftp://x"}, ("'ftp://x' must be an http(s) URL",)),
         ({"GATEWAY_UPSTREAM_URL": "http://a:1/v1,http://h:99999"}, ("port",)),
+        ({"GATEWAY_UPSTREAM_URL": "http://a b/v1"}, ("with a host name",)),
+        ({"GATEWAY_CONNECT_TIMEOUT": "inf"}, ("GATEWAY_CONNECT_TIMEOUT='inf'", "finite")),
+        ({"GATEWAY_DRAIN_SECONDS": "inf"}, ("GATEWAY_DRAIN_SECONDS='inf'", "finite")),
+        ({"ENGINE_READY_TIMEOUT": "nan"}, ("ENGINE_READY_TIMEOUT='nan'", "finite")),
+        ({"GATEWAY_HOST": "no-such-host.invalid"}, ("GATEWAY_HOST", "no-such-host.invalid")),
     ],
 )
 def test_a_bad_setting_is_one_line(
@@ -119,3 +126,58 @@ def test_plan_without_a_gpu_says_how_to_plan_for_one(tmp_path: Path) -> None:
     if detect_gpus():
         pytest.skip("this machine has a GPU")
     assert_one_clean_line(lowvram("plan", str(fixture), "--vram", "6GiB"), "--gpu-memory")
+
+
+def test_a_taken_port_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {"LOWVRAM_HOME": str(tmp_path), "GATEWAY_PORT": port}
+        result = lowvram("serve", "--upstream", "http://127.0.0.1:1/v1", env=env, cwd=tmp_path)
+    assert_one_clean_line(result, f"127.0.0.1:{port}", "GATEWAY_PORT", "in use")
+
+
+@pytest.mark.parametrize(
+    ("env", "secret"),
+    [
+        ({"GATEWAY_API_KEYS": "a-valid-client-key,short"}, "a-valid-client-key"),
+        ({"GATEWAY_ADMIN_API_KEYS": "changeme-admin,another-valid-key"}, "another-valid-key"),
+        ({"GATEWAY_UPSTREAM_URL": "http://user:hunter22@h:1/v1,ftp://x"}, "hunter22"),
+    ],
+)
+def test_a_bad_setting_never_repeats_a_secret(
+    tmp_path: Path, env: dict[str, str], secret: str
+) -> None:
+    result = lowvram("serve", env={"LOWVRAM_HOME": str(tmp_path)} | env, cwd=tmp_path)
+    assert_one_clean_line(result)
+    assert secret not in result.stdout + result.stderr
+
+
+def test_a_bad_flag_is_one_line_naming_it() -> None:
+    result = lowvram("serve", "--backend", "bogus")
+    assert_one_clean_line(result, "--backend", "bogus", "llamacpp")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        *([], ["serve"], ["plan"], ["build"]),
+        *(["keys"], ["keys", "create"], ["keys", "list"], ["keys", "revoke"]),
+    ],
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = lowvram(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: lowvram") and "Traceback" not in result.stderr
+
+
+def test_replica_names_never_show_a_urls_password() -> None:
+    gateway = GatewaySettings(  # type: ignore[call-arg]
+        _env_file=None,
+        upstream_url=["http://user:hunter22@10.0.0.1:8001/v1", "http://[::1]:8002", "http://h"],
+    )
+    pool = build_engine(gateway, EngineSettings(_env_file=None))  # type: ignore[call-arg]
+    assert isinstance(pool, Replicas)
+    assert pool.names == ["10.0.0.1:8001", "[::1]:8002", "h"]

@@ -26,6 +26,7 @@ class EngineSettings(BaseSettings):
         extra="ignore",
         frozen=True,
         use_attribute_docstrings=True,
+        allow_inf_nan=False,  # an infinite timeout is a hang, and NaN compares false
     )
 
     backend: Literal["auto", "vllm", "llamacpp"] = "auto"

@@ -8,6 +8,7 @@ Precedence: keyword arguments (the CLI's flags) > environment > `.env` > default
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -18,6 +19,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from lowvram.paths import data_dir
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+# A DNS name, an IPv4 address, or an IPv6 one (urlsplit drops its brackets).
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"//[^/@\s]*@", "//***@", url)
 
 
 def _split_commas(value: Any) -> Any:
@@ -35,6 +44,7 @@ class GatewaySettings(BaseSettings):
         extra="ignore",
         frozen=True,
         use_attribute_docstrings=True,
+        allow_inf_nan=False,  # an infinite timeout is a hang, and NaN compares false
     )
 
     # --- network and keys ------------------------------------------------------------------
@@ -110,12 +120,17 @@ class GatewaySettings(BaseSettings):
     def _http_urls(cls, urls: list[str]) -> list[str]:
         for value in urls:
             url = urlsplit(value)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise ValueError(f"{value!r} must be an http(s) URL, like http://127.0.0.1:8001/v1")
+            if url.scheme not in ("http", "https") or not _HOST.fullmatch(url.hostname or ""):
+                raise ValueError(
+                    f"{_without_password(value)!r} must be an http(s) URL with a host name, "
+                    "like http://127.0.0.1:8001/v1"
+                )
             try:
                 url.port  # noqa: B018 (parsing the port is the check)
             except ValueError:
-                raise ValueError(f"{value!r} has a port that is not a number") from None
+                raise ValueError(
+                    f"{_without_password(value)!r} has a port that is not a number"
+                ) from None
         return urls
 
     @field_validator("log_level", mode="before")
