@@ -142,6 +142,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lowvram.gateway.app import create_app
+    from lowvram.gateway.connections import protocol_for
     from lowvram.logs import configure_logging
 
     gateway = settings_from(GatewaySettings, args, SERVE_FLAGS)
@@ -164,6 +165,7 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(gateway.drain_seconds) or None,
         server_header=False,
+        http=protocol_for(gateway),  # header deadline, connection cap (connections.py)
     )
     uvicorn.Server(config).run(sockets=[listener])
     return 0

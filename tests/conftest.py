@@ -12,6 +12,7 @@ import pytest
 
 from lowvram.engine.external import ExternalEngine
 from lowvram.gateway.app import create_app
+from lowvram.gateway.connections import protocol_for
 from lowvram.gateway.settings import GatewaySettings
 from tests.doubles.fake_upstream import FakeUpstream
 from tests.helpers import serve, wait_ready
@@ -66,7 +67,7 @@ def make_gateway(fake: tuple[FakeUpstream, str], tmp_path: Path) -> Iterator[Gat
         def start(**overrides: Any) -> str:
             settings = gateway_settings(tmp_path / "gateway.sqlite3", **overrides)
             app = create_app(settings, external(upstream_url, settings))
-            url = stack.enter_context(serve(app))
+            url = stack.enter_context(serve(app, http=protocol_for(settings)))
             wait_ready(url)
             return url
 

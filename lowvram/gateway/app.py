@@ -72,7 +72,11 @@ def create_app(
     app.include_router(ops.router)
     register_error_handlers(app)
     # Added last runs first: the request's id and log line, then the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_bytes))
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=int(settings.max_body_bytes),
+        body_seconds=settings.body_timeout,
+    )
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -5,6 +5,7 @@
     │   ├── BadRequest            400
     │   ├── AuthenticationError   401
     │   ├── NotFound              404     (ModelNotFound: code model_not_found)
+    │   ├── RequestTimeout        408     (the body did not arrive in time)
     │   ├── PayloadTooLarge       413
     │   ├── RateLimited           429     rate_limit_error, with Retry-After
     │   └── ClientClosed          499     (logged; the client is gone)
@@ -28,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,11 @@ class NotFound(ClientError):
 
 class ModelNotFound(NotFound):
     default_code = "model_not_found"
+
+
+class RequestTimeout(ClientError):
+    status_code = 408
+    default_code = "request_timeout"
 
 
 class PayloadTooLarge(ClientError):
@@ -167,6 +174,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _client_gone(_: Request, exc: Exception) -> JSONResponse:
+    """The client hung up while its body was read: no one gets this answer."""
+    return JSONResponse(ClientClosed("The client closed the request.").body(), status_code=499)
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     body = error_body("The gateway failed to handle this request.", "server_error", None, None)
@@ -177,4 +189,5 @@ def register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unhandled)

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, the access log and the body size limit.
+"""Pure ASGI middleware: request ids, the access log and the body's limits (size, time).
 
 Pure ASGI rather than BaseHTTPMiddleware, which would wrap every streamed chunk in an
 extra task and queue.
@@ -6,6 +6,7 @@ extra task and queue.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lowvram.gateway.errors import PayloadTooLarge
+from lowvram.gateway.errors import PayloadTooLarge, RequestTimeout
 from lowvram.gateway.exchange import access_fields
 from lowvram.logs import request_id_var
 
@@ -81,11 +82,17 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: by Content-Length at once, or while reading a chunked one."""
+    """A request body within limits of size and time.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Over `max_bytes`: 413, by Content-Length at once, or while reading a chunked one. Not
+    all in within `body_seconds` of the first read: 408. Either closes the connection
+    (`connection: close`): the rest of the body is never read, so it cannot be reused.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, body_seconds: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_seconds = body_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,17 +103,38 @@ class BodyLimitMiddleware:
             await self._reject(send)
             return
         received = 0
+        deadline: float | None = None
+        body_done = False
+        refused = False
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, deadline, body_done, refused
+            if body_done:  # what the relay waits for later: the client hanging up
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.body_seconds
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                refused = True
+                raise RequestTimeout(
+                    f"The request body did not arrive within {self.body_seconds:g} s."
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    refused = True
                     raise PayloadTooLarge(self._message())
+                body_done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def closing_send(message: Message) -> None:
+            if refused and message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, guarded_receive, closing_send)
 
     def _message(self) -> str:
         return f"The request body is larger than the gateway's limit of {self.max_bytes} bytes."

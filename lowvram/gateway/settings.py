@@ -88,6 +88,16 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: ByteSize = Field(ByteSize(1024 * 1024), ge=1024)
     """Largest request body; larger gets 413."""
 
+    # --- client connections ------------------------------------------------------------------
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a client connection may take to send a request's headers, from its start or
+    its previous response; then it is closed (idle and slow-header connections)."""
+    body_timeout: float = Field(60.0, gt=0)
+    """Seconds a request's body may take to arrive; then 408 and the connection closes."""
+    max_client_connections: int | None = Field(None, ge=16)
+    """Client connections open at once; past it the longest idle one is closed. Default:
+    what the process's open-file limit allows (raised to its hard limit at start)."""
+
     # --- admission and streaming -------------------------------------------------------------
     max_inflight: int | None = Field(None, ge=1)
     """Requests at the engine at once; default: the engine's batch size where it says
