@@ -36,6 +36,8 @@ from lowvram.gateway.errors import (
     sse_error_event,
 )
 from lowvram.gateway.exchange import CLIENT_CLOSED, Endpoint, Exchange
+from lowvram.gateway.reasoning import MARK as REASONING
+from lowvram.gateway.reasoning import mirror_reasoning
 from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of
 from lowvram.gateway.tokens import TokenCounter
 from lowvram.gateway.upstream import clean_message, map_transport_error, replica_lost
@@ -192,6 +194,7 @@ class StreamRelay:
             or b'"usage"' in chunk
             or b"[DONE]" in chunk
             or b'{"error"' in chunk
+            or REASONING in chunk
         ):
             return False
         for start, end in spans:
@@ -268,6 +271,10 @@ class StreamRelay:
             return sse_error_event(engine_stream_error(event[6:]))
         if self._last_chunk is None:
             self._last_chunk = _json(event[6:])  # its id and model, for a usage chunk of ours
+        if REASONING in event:
+            chunk = _json(event[6:])
+            if mirror_reasoning(chunk):
+                return b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
         return PASS if plain else event + b"\n\n"
 
     def _on_usage(self, data: bytes) -> bytes | None:

@@ -36,6 +36,8 @@ from lowvram.gateway.protocol import (
     EmbeddingRequest,
     ResponsesRequest,
 )
+from lowvram.gateway.reasoning import MARK as REASONING
+from lowvram.gateway.reasoning import mirror_reasoning
 from lowvram.gateway.relay import RelayResponse, StreamRelay
 from lowvram.gateway.rewrite import (
     apply_shims,
@@ -240,6 +242,8 @@ class Gateway:
         if not isinstance(answer, dict):
             raise UpstreamError("The engine answered with something that is not a JSON object.")
         exchange.record_usage(answer.get("usage"))
+        if REASONING in raw and mirror_reasoning(answer):
+            raw = json.dumps(answer, ensure_ascii=False).encode()
         await exchange.settle(200)
         return Response(raw, media_type="application/json")
 

@@ -16,6 +16,8 @@ fields through untouched):
               "garbage_after": 2,    # stream: a data event that is not JSON after 2 chunks
               "endless": 1000000,    # stream: this many bytes with no event boundary
               "die": true,           # exit the process at once (run as a process only)
+              "think": "reasoning",  # chat: 3 thinking tokens first, under this field
+                                     # (vLLM's "reasoning", llama.cpp's "reasoning_content")
               "error_event": true,   # Responses stream: a {"type": "error"} event
               "bad_completed": true}}  # Responses stream: response.completed, no object
 
@@ -50,6 +52,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 MODEL = "fake-model"
+THOUGHT = "let me think"
 SCRIPTED_ERROR = (
     b'data: {"error": {"message": "scripted failure", "type": "InternalServerError",'
     b' "param": null, "code": 500}}\n\n'
@@ -279,6 +282,8 @@ class FakeUpstream:
             record.finished = True
             text = " ".join(f"w{i}" for i in range(n_tokens))
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if script.get("think"):
+                message[script["think"]] = THOUGHT
             if tool_call is not None:
                 message = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
             choice: dict[str, Any] = (
@@ -334,6 +339,11 @@ class FakeUpstream:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.sleep(float(script.get("ttft", 0)))
+            if chat and script.get("think"):
+                for word in THOUGHT.split(" "):
+                    delta = json.dumps({script["think"]: word + " "})
+                    choice = f'{{"index":0,"delta":{delta},"finish_reason":null}}'
+                    yield f"data: {head}{choice}]}}\n\n".encode()
             started = loop.time()
             for i in range(n_tokens):
                 if i == script.get("error_after"):

@@ -221,3 +221,29 @@ def test_an_engine_gone_before_the_request_gets_503(auth: dict[str, str], tmp_pa
         response = stream(gateway, auth)
         assert_openai_error(response, 503, "engine_unavailable")
         assert int(response.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_reasoning_arrives_under_both_names_streamed_or_not(
+    gateway: str, auth: dict[str, str], field: str
+) -> None:
+    """vLLM writes `reasoning`, llama.cpp `reasoning_content`: clients read either."""
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    body["fake"] = {"think": field, "tokens": 3}
+    answer = httpx.post(gateway + "/v1/chat/completions", json=body, headers=auth).json()
+    message = answer["choices"][0]["message"]
+    assert message["reasoning"] == message["reasoning_content"] == "let me think"
+    assert message["content"] == "w0 w1 w2"
+    streamed = httpx.post(
+        gateway + "/v1/chat/completions", json=body | {"stream": True}, headers=auth
+    )
+    deltas = [
+        json.loads(line[6:])["choices"][0]["delta"]
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    thinking = [d for d in deltas if d.get("reasoning") or d.get("reasoning_content")]
+    assert len(thinking) == 3 and all(d["reasoning"] == d["reasoning_content"] for d in thinking)
+    assert "".join(d["reasoning"] for d in thinking) == "let me think "
+    assert "".join(d.get("content") or "" for d in deltas) == "w0 w1 w2"
+    assert not any("reasoning" in d for d in deltas if d.get("content"))  # untouched
