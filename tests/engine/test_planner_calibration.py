@@ -14,8 +14,9 @@ import pytest
 
 from lowvram.engine.hardware import GpuFacts
 from lowvram.engine.units import GiB
+from lowvram.engine.vllm.memory import Shape, kv_room, ladder
+from lowvram.engine.vllm.memory import estimate as memory_estimate
 from lowvram.engine.vllm.model import parse_config
-from lowvram.engine.vllm.planner import ladder, layout
 
 # ../shared/gpu/mkmodel.py and bench/gpu_models.py: random-weight checkpoints with these shapes.
 BASE = json.loads(
@@ -109,19 +110,10 @@ def test_estimates_stay_within_10_percent_of_what_the_gpu_measured(
     scheme = next(s for s in ladder(model, H200) if s.name == fmt)
     # The whole budget: these configurations ran in it (the planner keeps a safety margin
     # on top, which is its choice, not the GPU's).
-    usable = budget * GiB
-    found = layout(
-        model,
-        scheme,
-        usable,
-        context=context,
-        seqs=seqs,
-        batched_tokens=tokens,
-        eager=eager,
-        offloaded=offloaded,
-        kv_tokens=kv,
+    shape = Shape(scheme, context, seqs, tokens, eager, offloaded)
+    assert kv * model.kv_bytes_per_token() <= kv_room(model, shape, budget * GiB), (
+        "the measured configuration must fit its budget"
     )
-    assert found is not None, "the measured configuration must fit its budget"
-    estimate = found.estimate.total / GiB
+    estimate = memory_estimate(model, shape, kv).total / GiB
     assert abs(estimate - measured) / measured <= 0.10
     assert measured <= budget
