@@ -61,6 +61,7 @@ PLAN_FLAGS: Flags = {
     "--pcie-bandwidth": (EngineSettings, "pcie_bandwidth"),
     "--optimize": (EngineSettings, "optimize"),
     "--quantization": (EngineSettings, "quantization"),
+    "--offload-vocab": (EngineSettings, "offload_vocab"),
 }
 
 
@@ -328,13 +329,17 @@ def plan(args: argparse.Namespace) -> int:
 
     from lowvram.engine.hardware import detect_hardware
     from lowvram.engine.vllm.deployment import plan_deployment
+    from lowvram.engine.vllm.environment import missing_plugin
     from lowvram.engine.vllm.model import load_model_facts
 
     settings = settings_from(EngineSettings, args, PLAN_FLAGS)
     hardware = detect_hardware(settings)
     if hardware.gpu is None:
         raise PlanError("no NVIDIA GPU found here: pass --gpu-memory (e.g. 24GiB) to plan for one")
-    deployment = plan_deployment(load_model_facts(args.model), hardware, settings)
+    missing = missing_plugin(settings.command)
+    deployment = plan_deployment(
+        load_model_facts(args.model), hardware, settings, plugin_missing=missing
+    )
     if args.json:
         result = deployment.plan
         extra = {

@@ -44,10 +44,12 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
             )
         from lowvram.engine.vllm.backend import VllmBackend
         from lowvram.engine.vllm.deployment import plan_deployment
+        from lowvram.engine.vllm.environment import missing_plugin
         from lowvram.engine.vllm.model import load_model_facts
 
         model = load_model_facts(settings.model or DEFAULT_VLLM_MODEL)
-        deployment = plan_deployment(model, hardware, settings)
+        missing = missing_plugin(settings.command)
+        deployment = plan_deployment(model, hardware, settings, plugin_missing=missing)
         backends: list[Backend] = [
             VllmBackend(model, hardware, settings, deployment=deployment, replica=i)
             for i in range(deployment.replicas)

@@ -50,6 +50,10 @@ class EngineSettings(BaseSettings):
     """vLLM's weight format: auto (the planner's ladder), or this one (none: the dtype)."""
     optimize: Literal["throughput", "latency"] = "throughput"
     """vLLM plans for tokens/s over all sequences (throughput), or for one stream's speed."""
+    offload_vocab: Literal["auto", "embed", "all", "none"] = "auto"
+    """vLLM: move the vocabulary tensors to host memory with the layers (lowvram's vLLM
+    plugin): auto (the planner's choice), embed (the input embedding), all (and the
+    lm_head, read over PCIe every step), none."""
     gpu_memory: ByteSize | None = None
     """Plan for a GPU of this size instead of the one present (what-if planning)."""
     host_memory: ByteSize | None = None

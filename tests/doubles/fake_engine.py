@@ -8,12 +8,15 @@ environment variables (FAKE_STATE_DIR holds a counter, so a cue can apply to a g
     FAKE_START_DELAY=2        seconds before it binds its port (a slow start)
     FAKE_FAIL_STARTS=oom:2    print a CUDA OOM and exit on starts 1 and 2
     FAKE_IGNORE_OFFLOAD=1     accept --cpu-offload-gb and do nothing (vLLM's V2 runner)
+    FAKE_NO_PLUGIN=1          ignore LOWVRAM_OFFLOAD_VOCAB (lowvram's plugin not installed)
     FAKE_IGNORE_SIGTERM=1     ignore SIGTERM (the supervisor must SIGKILL)
     FAKE_CHILD=1              start a grandchild process that must die with the group
 
 It prints the lines vLLM prints once loaded: 'Total CPU offloaded parameters', 'Model
-loading took', 'GPU KV cache size'. POST /_crash makes it exit at once (a crash);
-POST /_crash?signal=SIGILL kills it with that signal instead.
+loading took', 'GPU KV cache size', and lowvram's plugin's lines for what
+LOWVRAM_OFFLOAD_VOCAB asks (the sizes of a Qwen2.5-7B's embedding and lm_head). POST
+/_crash makes it exit at once (a crash); POST /_crash?signal=SIGILL kills it with that
+signal instead.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lowvram.engine.vllm.plugin import MARK
 from tests.doubles.fake_upstream import FakeUpstream
+
+QWEN7B_VOCAB_GIB = 152064 * 3584 * 2 / 1024**3
 
 FAILURE_LINES = {
     "oom": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
@@ -75,6 +81,9 @@ def main() -> None:
         print(FAILURE_LINES[kind], flush=True)
         sys.exit(1)
 
+    vocab = "" if os.environ.get("FAKE_NO_PLUGIN") else os.environ.get("LOWVRAM_OFFLOAD_VOCAB", "")
+    for kind in filter(None, vocab.split(",")):
+        print(f"INFO {MARK} {kind}: {QWEN7B_VOCAB_GIB:.3f} GiB to host memory", flush=True)
     if args.cpu_offload_gb and not os.environ.get("FAKE_IGNORE_OFFLOAD"):
         print(f"INFO Total CPU offloaded parameters: {round(args.cpu_offload_gb, 2)}", flush=True)
     print("INFO Model loading took 2.13 GiB memory and 12.5 seconds", flush=True)

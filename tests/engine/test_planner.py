@@ -70,9 +70,14 @@ def test_7b_at_5_gib_quantizes_and_offloads_whole_layers() -> None:
     model = facts("qwen2.5-7b-instruct")
     layer_bytes = model.linear_params_per_layer // 2 + model.small_params_per_layer * 2
     assert p.cpu_offload_bytes == p.offloaded_layers * layer_bytes
+    # The embedding goes with the layers (built before them: vLLM's budget covers both).
+    assert p.vocab_offload in ("embed", "all")
+    assert p.embedding_offload_bytes == model.embedding_params * 2
     argv = p.to_argv()
-    assert argv[argv.index("--cpu-offload-gb") + 1] == f"{p.cpu_offload_bytes / GiB:.6f}"
+    budget = float(argv[argv.index("--cpu-offload-gb") + 1]) * GiB
+    assert budget <= p.cpu_offload_bytes + p.embedding_offload_bytes < budget + 1024  # floored
     assert p.to_env()["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert p.to_env()["LOWVRAM_OFFLOAD_VOCAB"].startswith("embed")
 
 
 def test_70b_at_7_gib_on_a_24_gb_card_is_a_valid_plan_or_names_the_floor() -> None:
@@ -286,7 +291,8 @@ def test_under_offload_sequences_are_kept_rather_than_layers() -> None:
 def test_a_70b_awq_checkpoint_at_10_gib_offloads_for_16_sequences() -> None:
     p = plan("llama-3.3-70b-instruct-awq", 10, ADA_24, concurrency=16)
     assert p.quantization == "awq" and p.max_num_seqs == 16
-    assert p.offloaded_layers == 80  # every layer: the KV room serves the sequences
+    # Nearly every layer, and the vocabulary: the room they free serves the sequences.
+    assert 64 <= p.offloaded_layers <= 80 and p.vocab_offload == "all"
     assert p.kv_cache_tokens >= 3 * p.max_model_len
 
 

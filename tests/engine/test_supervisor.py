@@ -83,7 +83,8 @@ async def test_known_memory_failure_is_re_planned_one_rung_down(
         is EngineState.READY
     )
     assert engine.plan.rung == 1
-    assert engine.plan.offloaded_layers > before.offloaded_layers or (
+    # More in host memory (layers or the vocabulary), or a smaller prefill chunk.
+    assert engine.plan.host_offload_bytes > before.host_offload_bytes or (
         engine.plan.max_num_batched_tokens < before.max_num_batched_tokens
     )
     assert any(attempt.startswith("out_of_memory: rung 1") for attempt in supervisor.attempts)
@@ -145,9 +146,33 @@ async def test_offload_that_took_effect_is_reported(
         is EngineState.READY
     )
     assert engine.observed["offloaded_gib"] == pytest.approx(
-        engine.plan.cpu_offload_bytes / GiB, abs=0.01
+        engine.plan.offload_budget / GiB, abs=0.01
     )
+    assert engine.plan.vocab_modules and "embed_gib" in engine.observed
     assert "offloaded" in supervisor.detail and "KV" in supervisor.detail
+    for kind in engine.plan.vocab_modules:  # what the plugin said it moved
+        assert f"{kind} 1.01 GiB on the host" in supervisor.detail
+
+
+async def test_a_vocabulary_offload_the_plugin_did_not_do_is_an_error(
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
+) -> None:
+    monkeypatch.setenv("FAKE_NO_PLUGIN", "1")  # vLLM runs without lowvram's plugin
+    engine = fake_vllm(tmp_path, vram_gib=5)
+    assert "embed" in engine.plan.vocab_modules
+    supervisor = await start(supervised, engine)
+    assert (
+        await supervisor.wait_for(EngineState.FAILED, EngineState.READY, timeout=30)
+        is EngineState.FAILED
+    )
+    assert (
+        "plugin did not move it" in supervisor.detail
+        and "ENGINE_OFFLOAD_VOCAB" in supervisor.detail
+    )
+    assert supervisor.pid is None
 
 
 async def test_a_crash_while_serving_is_restarted_with_backoff(

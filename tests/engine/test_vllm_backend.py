@@ -58,7 +58,9 @@ def test_known_failures_are_recognized(line: str, kind: str | None) -> None:
 
 def test_verification_reads_vllm_lines() -> None:
     engine = backend()
-    planned = engine.plan.cpu_offload_bytes / GiB
+    planned = engine.plan.offload_budget / GiB
+    assert "embed" in engine.plan.vocab_modules
+    moved_vocab(engine)
     for line in (
         f"INFO 11-21 [uva.py:59] Total CPU offloaded parameters: {planned:.2f}",
         "INFO 11-21 [gpu_model_runner.py:5348] Model loading took 3.01 GiB memory and 9.1 seconds",
@@ -74,9 +76,46 @@ def test_verification_reads_vllm_lines() -> None:
 
 def test_missing_or_wrong_offload_is_a_problem() -> None:
     engine = backend()
-    assert "never logged" in engine.verify()[0]
+    assert any("never logged" in problem for problem in engine.verify())
     engine.observe("Total CPU offloaded parameters: 0.5")
-    assert "offloaded 0.50 GiB" in engine.verify()[0]
+    assert any("offloaded 0.50 GiB" in problem for problem in engine.verify())
+
+
+def moved_vocab(engine: VllmBackend, skip: str = "") -> None:
+    """The plugin's lines for what the plan asks, as vLLM's log has them."""
+    sizes = {
+        "embed": engine.plan.embedding_offload_bytes,
+        "lm_head": engine.plan.lm_head_offload_bytes,
+    }
+    for kind in engine.plan.vocab_modules:
+        if kind != skip:
+            engine.observe(
+                f"INFO 11-21 [plugin.py:96] lowvram plugin: offloaded {kind}: "
+                f"{sizes[kind] / GiB:.3f} GiB to host memory"
+            )
+
+
+def test_the_plugins_lines_are_checked_against_the_plan() -> None:
+    engine = backend()
+    engine.observe(f"Total CPU offloaded parameters: {engine.plan.offload_budget / GiB:.2f}")
+    moved_vocab(engine, skip="embed")
+    missing = engine.verify()
+    assert len(missing) == 1 and "the embed" in missing[0] and "did not move it" in missing[0]
+    engine.observe(
+        "WARNING lowvram plugin: nothing offloaded: UVA is off here; the embed stays on the GPU"
+    )
+    assert "UVA is off here" in engine.verify()[0]  # what it said, not a guess
+    engine.observe("INFO lowvram plugin: offloaded embed: 0.40 GiB to host memory")
+    assert "moved 0.40 GiB of embed" in engine.verify()[0]
+
+
+def test_weights_far_above_the_plan_mean_the_offload_did_not_happen() -> None:
+    engine = backend()
+    engine.observe(f"Total CPU offloaded parameters: {engine.plan.offload_budget / GiB:.2f}")
+    moved_vocab(engine)
+    assert engine.verify() == []
+    engine.observe("Model loading took 7.90 GiB memory and 9.1 seconds")
+    assert "less was offloaded than planned" in engine.verify()[0]
 
 
 def test_a_kv_cache_smaller_than_one_sequence_is_a_problem() -> None:
@@ -146,7 +185,11 @@ def test_each_replica_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_gpu_is_checked_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     engine = on_two("llama-3.3-70b-instruct-awq", 10, used=9.5)  # GPU 0: 9.5, GPU 1: 10.5 GiB
-    engine.observed = {"offloaded_gib": engine.plan.cpu_offload_bytes / GiB}
+    engine.observed = {
+        "offloaded_gib": engine.plan.offload_budget / GiB,
+        "embed_gib": engine.plan.embedding_offload_bytes / GiB,
+        "lm_head_gib": engine.plan.lm_head_offload_bytes / GiB,
+    }
     problems = engine.verify()
     assert len(problems) == 1 and "GPU 1 uses 10.50 GiB" in problems[0]
     assert "GPU 0" not in problems[0]

@@ -20,6 +20,7 @@ from lowvram.engine.handle import ServedModel
 from lowvram.engine.hardware import Hardware, detect_gpus, devices_by_index, gpu_memory_used
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import GiB, gib
+from lowvram.engine.vllm import plugin
 from lowvram.engine.vllm.deployment import Deployment, plan_deployment
 from lowvram.engine.vllm.model import ModelFacts
 from lowvram.engine.vllm.plan import EnginePlan
@@ -37,6 +38,7 @@ FAILURES: dict[str, tuple[str, ...]] = {
 }
 
 _OFFLOADED = re.compile(r"Total CPU offloaded parameters: ([0-9.]+)")
+_VOCAB_MOVED = re.compile(re.escape(plugin.MARK) + r" (embed|lm_head): ([0-9.]+) GiB")
 _LOADED = re.compile(r"Model loading took ([0-9.]+) GiB")
 _KV_TOKENS = re.compile(r"GPU KV cache size: ([0-9,]+) tokens")
 
@@ -79,6 +81,8 @@ class VllmBackend:
         self.gpus = self.deployment.groups[replica]
         """This engine's GPUs, by index."""
         self.observed: dict[str, float] = {}
+        self.plugin_said: list[str] = []
+        """The plugin's warnings: what it could not move, and why."""
         self.vram_used: dict[int, int] = {}
         """Bytes in use on each of its GPUs once ready (nvidia-smi's figure)."""
 
@@ -89,6 +93,7 @@ class VllmBackend:
 
     def launch(self, port: int, api_key: str) -> Launch:
         self.observed = {}
+        self.plugin_said = []
         argv = [
             *self._command,
             *self.plan.to_argv(),
@@ -117,6 +122,12 @@ class VllmBackend:
         )
 
     def observe(self, line: str) -> None:
+        if plugin.MARK in line or plugin.UNCHANGED in line:
+            if match := _VOCAB_MOVED.search(line):
+                self.observed[f"{match.group(1)}_gib"] = float(match.group(2))
+            else:
+                self.plugin_said.append(line[line.index("lowvram plugin") :].strip())
+            return
         for key, pattern in (
             ("offloaded_gib", _OFFLOADED),
             ("weights_gib", _LOADED),
@@ -153,8 +164,8 @@ class VllmBackend:
         )
 
     def verify(self) -> list[str]:
-        problems = []
-        planned = self.plan.cpu_offload_bytes / GiB
+        problems = self._verify_vocab()
+        planned = self.plan.offload_budget / GiB
         offloaded = self.observed.get("offloaded_gib")
         if planned and offloaded is None:
             problems.append(
@@ -189,6 +200,42 @@ class VllmBackend:
             )
         return problems
 
+    def _verify_vocab(self) -> list[str]:
+        """Each vocabulary tensor the plan moves, moved by the plugin, and no more."""
+        problems = []
+        sizes = {
+            "embed": self.plan.embedding_offload_bytes,
+            "lm_head": self.plan.lm_head_offload_bytes,
+        }
+        for kind in self.plan.vocab_modules:
+            planned = sizes[kind] / GiB
+            moved = self.observed.get(f"{kind}_gib")
+            if moved is None:
+                said = (
+                    f": it said '{self.plugin_said[0]}'"
+                    if self.plugin_said
+                    else (
+                        " (is lowvram installed where vLLM runs? ENGINE_OFFLOAD_VOCAB=none plans "
+                        "without it)"
+                    )
+                )
+                problems.append(
+                    f"the plan puts the {kind} ({planned:.2f} GiB) in host memory, but lowvram's "
+                    f"vLLM plugin did not move it{said}"
+                )
+            elif abs(moved - planned) > max(0.05, planned * 0.05):
+                problems.append(
+                    f"the plugin moved {moved:.2f} GiB of {kind}, the plan {planned:.2f}"
+                )
+        weights = self.observed.get("weights_gib")
+        expected = self.plan.estimate.weights / GiB
+        if weights is not None and weights > expected + max(0.5, 0.25 * expected):
+            problems.append(
+                f"vLLM's weights take {weights:.2f} GiB on the GPU ('Model loading took'), the "
+                f"plan {expected:.2f} GiB: less was offloaded than planned"
+            )
+        return problems
+
     def report(self) -> str:
         est = self.plan.estimate
         weights, kv_tokens = (
@@ -199,11 +246,13 @@ class VllmBackend:
             f"weights {weights:.2f} GiB (est {est.weights / GiB:.2f})",
             f"KV {kv_tokens:,.0f} tokens (plan {self.plan.kv_cache_tokens:,})",
         ]
-        if self.plan.cpu_offload_bytes:
+        if self.plan.offload_budget:
             parts.append(
                 f"offloaded {self.observed.get('offloaded_gib', 0):.2f} GiB "
-                f"(plan {self.plan.cpu_offload_bytes / GiB:.2f})"
+                f"(plan {self.plan.offload_budget / GiB:.2f})"
             )
+        for kind in self.plan.vocab_modules:
+            parts.append(f"{kind} {self.observed.get(f'{kind}_gib', 0):.2f} GiB on the host")
         if self.vram_used:
             split = len(self.gpus) > 1
             used = ", ".join(

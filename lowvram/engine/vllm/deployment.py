@@ -44,6 +44,8 @@ class Deployment:
     host: HostFacts
     """The host RAM one engine may offload to: its GPUs' share."""
     reasons: tuple[str, ...] = ()
+    plugin_missing: str | None = None
+    """Why the vLLM that runs cannot load lowvram's plugin (environment.py); None: it can."""
 
     @property
     def replicas(self) -> int:
@@ -64,6 +66,7 @@ class Deployment:
             rung=rung,
             tensor_parallel=self.plan.tensor_parallel,
             pipeline_parallel=self.plan.pipeline_parallel,
+            plugin_missing=self.plugin_missing,
         )
         return replace(self, plan=plan)
 
@@ -106,7 +109,15 @@ def gpus_to_use(hardware: Hardware, settings: EngineSettings) -> tuple[GpuFacts,
     return hardware.gpus[:count]
 
 
-def plan_deployment(model: ModelFacts, hardware: Hardware, settings: EngineSettings) -> Deployment:
+def plan_deployment(
+    model: ModelFacts,
+    hardware: Hardware,
+    settings: EngineSettings,
+    *,
+    plugin_missing: str | None = None,
+) -> Deployment:
+    """`plugin_missing`: why the vLLM that will run cannot load lowvram's plugin (then the
+    vocabulary stays on the GPU); None: it can."""
     gpus = gpus_to_use(hardware, settings)
     n = len(gpus)
     gpu = min(gpus, key=lambda g: (g.free_bytes, g.total_bytes))
@@ -128,7 +139,15 @@ def plan_deployment(model: ModelFacts, hardware: Hardware, settings: EngineSetti
     for size in sizes:
         tp, pp, label = _split(model, size, n)
         try:
-            plan = plan_vllm(model, gpu, host, settings, tensor_parallel=tp, pipeline_parallel=pp)
+            plan = plan_vllm(
+                model,
+                gpu,
+                host,
+                settings,
+                tensor_parallel=tp,
+                pipeline_parallel=pp,
+                plugin_missing=plugin_missing,
+            )
         except PlanError as exc:
             refusal = exc
             lines.append(f"{label}: does not fit ({exc})")
@@ -151,7 +170,7 @@ def plan_deployment(model: ModelFacts, hardware: Hardware, settings: EngineSetti
         reasons += [*lines, _why(plan, replicas, planned)]
     elif n > 1:
         reasons += [*lines, f"ENGINE_REPLICAS={replicas} asks for this split"]
-    return Deployment(plan, groups, gpu, host, tuple(reasons))
+    return Deployment(plan, groups, gpu, host, tuple(reasons), plugin_missing)
 
 
 def _split(model: ModelFacts, size: int, n: int) -> tuple[int, int, str]:

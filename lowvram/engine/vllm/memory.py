@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from lowvram.engine.hardware import GpuFacts
 from lowvram.engine.units import GiB, MiB
@@ -110,6 +111,29 @@ def ladder(model: ModelFacts, gpu: GpuFacts) -> list[Scheme]:
     return schemes
 
 
+VocabOffload = Literal["none", "embed", "all"]
+"""Which vocabulary tensors go to host memory with lowvram's vLLM plugin (plugin.py): none,
+the input embedding, or it and the lm_head. A tied model's lm_head is its embedding."""
+
+
+def vocab_on_host(model: ModelFacts, vocab: VocabOffload) -> int:
+    """Bytes of vocabulary tensors in host memory (bf16/fp16 in every format: vLLM
+    quantizes neither the embedding nor the lm_head of these checkpoints)."""
+    if vocab == "none":
+        return 0
+    lm_head = model.lm_head_params if vocab == "all" else 0
+    return (model.embedding_params + lm_head) * 2
+
+
+def lm_head_over_pcie(model: ModelFacts, vocab: VocabOffload) -> int:
+    """Bytes a decode step reads over PCIe for the logits: the whole lm_head where it is in
+    host memory (a tied model's is its embedding). The embedding itself costs a few rows
+    per token: nothing to count."""
+    if model.tied_embeddings:
+        return model.embedding_params * 2 if vocab != "none" else 0
+    return model.lm_head_params * 2 if vocab == "all" else 0
+
+
 @dataclass(frozen=True)
 class Shape:
     """One configuration of an engine, as far as memory goes."""
@@ -128,6 +152,7 @@ class Shape:
     """Part of an engine over several GPUs (tensor or pipeline parallel)."""
     margin: float = 1.0
     """Raises overhead and activations after a failed start (1.3 per rung)."""
+    vocab: VocabOffload = "none"
 
 
 def usable_bytes(budget: int) -> int:
@@ -145,16 +170,19 @@ def activations(model: ModelFacts, tokens: int, seqs: int, scheme: Scheme) -> in
     return tokens * per_token + logits + scheme.dequant_bytes
 
 
-def resident(model: ModelFacts, scheme: Scheme) -> int:
-    """Weights on the GPU whatever is offloaded: embeddings, lm_head, quant state, scratch."""
+def resident(model: ModelFacts, scheme: Scheme, vocab: VocabOffload = "none") -> int:
+    """Weights on the GPU whatever layers are offloaded: the vocabulary tensors not in host
+    memory, the final norm, quant state, load scratch."""
     embeddings = (model.embedding_params + model.lm_head_params + model.hidden) * 2
+    embeddings -= vocab_on_host(model, vocab)
     return embeddings + model.layers * scheme.resident_per_layer + scheme.load_scratch
 
 
 def weights_on_gpu(model: ModelFacts, shape: Shape) -> int:
     scheme = shape.scheme
     on_gpu = model.layers - shape.offloaded
-    return resident(model, scheme) + on_gpu * (scheme.layer_bytes + scheme.gpu_extra_per_layer)
+    per_layer = scheme.layer_bytes + scheme.gpu_extra_per_layer
+    return resident(model, scheme, shape.vocab) + on_gpu * per_layer
 
 
 def overhead(shape: Shape) -> int:
@@ -185,15 +213,18 @@ def kv_blocks(n_bytes: int, per_token: int) -> int:
     return n_bytes // (per_token * BLOCK_SIZE) * BLOCK_SIZE
 
 
-def host_bytes(shape: Shape) -> int:
-    """Host RAM the offloaded layers take, with the reserve for everything else."""
-    return shape.offloaded * shape.scheme.layer_bytes + HOST_RESERVE
+def host_bytes(model: ModelFacts, shape: Shape) -> int:
+    """Host RAM the offloaded weights take, with the reserve for everything else."""
+    layers = shape.offloaded * shape.scheme.layer_bytes
+    return layers + vocab_on_host(model, shape.vocab) + HOST_RESERVE
 
 
-def floor(model: ModelFacts, scheme: Scheme, context: int, shape: Shape) -> int:
-    """The smallest budget any plan in this format could use for this model (or shard):
-    every layer offloaded, one `context`-token sequence, `shape`'s batched tokens."""
-    kv = math.ceil(context / BLOCK_SIZE) * BLOCK_SIZE * model.kv_bytes_per_token()
+def floor(model: ModelFacts, shape: Shape) -> int:
+    """The smallest budget a plan of this shape's format and vocabulary offload could use
+    for this model (or shard): every layer offloaded, one sequence of the shape's context,
+    its batched tokens."""
+    scheme = shape.scheme
+    kv = math.ceil(shape.context / BLOCK_SIZE) * BLOCK_SIZE * model.kv_bytes_per_token()
     acts = int(activations(model, shape.batched_tokens, 1, scheme) * shape.margin)
-    usable = overhead(shape) + acts + kv + resident(model, scheme)
+    usable = overhead(shape) + acts + kv + resident(model, scheme, shape.vocab)
     return max(usable + SAFETY_MIN, math.ceil(usable / (1 - SAFETY_FRACTION)))

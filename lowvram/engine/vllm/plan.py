@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lowvram.engine.units import GiB, gib
 
+OFFLOAD_VOCAB_ENV = "LOWVRAM_OFFLOAD_VOCAB"
+"""How a plan tells lowvram's vLLM plugin which vocabulary tensors to move."""
+
 
 class VramEstimate(BaseModel):
     """Bytes the engine will hold on the GPU once ready, by kind."""
@@ -64,8 +67,17 @@ class EnginePlan(BaseModel):
     offloaded_layers: int = Field(ge=0)
     """Per GPU: its layers (or shards of layers) kept in host memory."""
     cpu_offload_bytes: int = Field(ge=0)
-    """Per GPU: bytes of layer weights kept in pinned host memory and read over PCIe each
-    step (vLLM's --cpu-offload-gb is per GPU too)."""
+    """Per GPU: bytes of decoder layer weights kept in pinned host memory and read over PCIe
+    each step (vLLM's --cpu-offload-gb is per GPU too)."""
+    vocab_offload: Literal["none", "embed", "all"] = "none"
+    """Vocabulary tensors in host memory too, by lowvram's vLLM plugin: none, the input
+    embedding, or it and the lm_head (LOWVRAM_OFFLOAD_VOCAB in the engine's environment)."""
+    embedding_offload_bytes: int = Field(0, ge=0)
+    """Per GPU: the input embedding's bytes in host memory."""
+    lm_head_offload_bytes: int = Field(0, ge=0)
+    """Per GPU: the lm_head's bytes in host memory (0 where it is tied to the embedding)."""
+    tied_embeddings: bool = False
+    """The lm_head is the embedding: offloading one offloads both."""
     kv_cache_bytes: int = Field(gt=0)
     kv_bytes_per_token: int = Field(gt=0)
     max_model_len: int = Field(ge=64)
@@ -143,9 +155,11 @@ class EnginePlan(BaseModel):
             argv += ["--pipeline-parallel-size", str(self.pipeline_parallel)]
         if self.quantization_arg:
             argv += ["--quantization", self.quantization_arg]
-        if self.cpu_offload_bytes:
-            # Offload goes parameter by parameter until this many GiB: the figure is whole layers.
-            argv += ["--cpu-offload-gb", f"{self.cpu_offload_bytes / GiB:.6f}"]
+        if self.offload_budget:
+            # Offload goes parameter by parameter, in the order modules are built, until this
+            # many GiB: whole layers (and the embedding, built before them), rounded down.
+            gb = math.floor(self.offload_budget / GiB * 1e6) / 1e6
+            argv += ["--cpu-offload-gb", f"{gb:.6f}"]
         if self.enforce_eager:
             argv.append("--enforce-eager")
         # Grammars allow any whitespace between JSON tokens, and a model can fill its whole
@@ -160,14 +174,38 @@ class EnginePlan(BaseModel):
             argv += ["--reasoning-parser", self.reasoning_parser]
         return argv
 
+    @property
+    def offload_budget(self) -> int:
+        """vLLM's --cpu-offload-gb, in bytes: the layers and the embedding. The lm_head is
+        built after every layer, so the plugin puts it on top of the budget (which would
+        otherwise go to more layers first)."""
+        return self.cpu_offload_bytes + self.embedding_offload_bytes
+
+    @property
+    def host_offload_bytes(self) -> int:
+        """Everything in host memory: layers, embedding, lm_head."""
+        return self.offload_budget + self.lm_head_offload_bytes
+
+    @property
+    def vocab_modules(self) -> tuple[str, ...]:
+        """What the plugin is asked to move: "embed" and, untied, "lm_head"."""
+        if self.vocab_offload == "none":
+            return ()
+        if self.vocab_offload == "all" and not self.tied_embeddings:
+            return ("embed", "lm_head")
+        return ("embed",)
+
     def to_env(self) -> dict[str, str]:
-        return {
+        env = {
             # vLLM 0.26's V2 model runner ignores --cpu-offload-gb without a word, and
             # JIT-compiles Triton kernels for minutes at start; V1 does neither.
             "VLLM_USE_V2_MODEL_RUNNER": "0",
             # FlashInfer's sampler JIT-compiles for minutes on a cold cache.
             "VLLM_USE_FLASHINFER_SAMPLER": "0",
         }
+        if self.vocab_modules:
+            env[OFFLOAD_VOCAB_ENV] = ",".join(self.vocab_modules)  # read by plugin.py
+        return env
 
     def explain(self) -> str:
         est = self.estimate
@@ -186,10 +224,15 @@ class EnginePlan(BaseModel):
         ]
         lines += [f"  {name:<{width}}{gib(value):>12}" for name, value in rows]
         lines += [f"  {'total (estimate)':<{width}}{gib(est.total):>12}", ""]
-        if self.cpu_offload_bytes:
-            offloaded = gib(self.cpu_offload_bytes)
+        if self.host_offload_bytes:
             each = " (each GPU)" if self.gpus > 1 else ""
-            lines.append(f"  offloaded to host{each}: {self.offloaded_layers} layers, {offloaded}")
+            parts = [f"{self.offloaded_layers} layers, {gib(self.cpu_offload_bytes)}"]
+            if self.embedding_offload_bytes:
+                name = "embedding and lm_head (tied)" if self.tied_embeddings else "embedding"
+                parts.append(f"{name} {gib(self.embedding_offload_bytes)}")
+            if self.lm_head_offload_bytes:
+                parts.append(f"lm_head {gib(self.lm_head_offload_bytes)}")
+            lines.append(f"  offloaded to host{each}: " + "; ".join(parts))
         lines += ["why:"] + [f"  - {reason}" for reason in self.reasons]
         if self.warnings:
             lines += ["warnings:"] + [f"  - {warning}" for warning in self.warnings]

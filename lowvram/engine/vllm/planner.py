@@ -38,7 +38,14 @@ from lowvram.engine.hardware import GpuFacts, HostFacts
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import gib
 from lowvram.engine.vllm import memory
-from lowvram.engine.vllm.memory import BLOCK_SIZE, HOST_RESERVE, Scheme, Shape, ladder
+from lowvram.engine.vllm.memory import (
+    BLOCK_SIZE,
+    HOST_RESERVE,
+    Scheme,
+    Shape,
+    VocabOffload,
+    ladder,
+)
 from lowvram.engine.vllm.model import ModelFacts
 from lowvram.engine.vllm.parsers import choose_parsers
 from lowvram.engine.vllm.plan import EnginePlan, VramEstimate
@@ -49,6 +56,7 @@ DEFAULT_CONTEXT = 4096
 DEFAULT_CONCURRENCY = 8
 MIN_CONTEXT = 512
 BATCHED_TOKENS = (2048, 1024, 512, 256)
+VOCAB_ORDER: tuple[VocabOffload, ...] = ("none", "embed", "all")
 TYPICAL_FRACTION = 4
 """A sequence holds a quarter of the context on average, for counting how many run at once."""
 
@@ -81,17 +89,49 @@ class Search:
     """Host RAM the offloaded layers may take; None: no limit."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    vocab_modes: tuple[VocabOffload, ...] = ("none",)
+    """The vocabulary offloads a plan may use ("none" alone: the plugin is not there)."""
 
     @property
     def split(self) -> bool:
         return self.tensor_parallel * self.pipeline_parallel > 1
 
     def shape(
-        self, scheme: Scheme, context: int, batched_tokens: int, eager: bool, offloaded: int
+        self,
+        scheme: Scheme,
+        context: int,
+        batched_tokens: int,
+        offloaded: int,
+        vocab: VocabOffload = "none",
+        graphs: bool = False,
     ) -> Shape:
+        """A candidate's shape; CUDA graphs only where nothing is offloaded."""
+        eager = not graphs or offloaded > 0 or vocab != "none"
         return Shape(
-            scheme, context, self.seqs, batched_tokens, eager, offloaded, self.split, self.margin
+            scheme,
+            context,
+            self.seqs,
+            batched_tokens,
+            eager,
+            offloaded,
+            self.split,
+            self.margin,
+            vocab,
         )
+
+    def vocab_options(self, offloaded: int) -> tuple[VocabOffload, ...]:
+        """The vocabulary offloads to try beside `offloaded` layers. An untied embedding
+        goes whenever a layer does (a few rows read per token: its whole size freed for
+        nothing); the lm_head is read whole every step, so it is a choice on tokens/s."""
+        modes = self.vocab_modes
+        if offloaded and "embed" in modes and not self.model.tied_embeddings:
+            return tuple(m for m in modes if m != "none") or modes
+        return modes
+
+    @property
+    def most_vocab(self) -> VocabOffload:
+        """The most of the vocabulary a plan may put in host memory (for the floor)."""
+        return self.vocab_modes[-1]
 
 
 @dataclass(frozen=True)
@@ -129,6 +169,10 @@ class Layout:
         return self.shape.offloaded
 
     @property
+    def vocab(self) -> VocabOffload:
+        return self.shape.vocab
+
+    @property
     def running(self) -> int:
         """Sequences the KV cache holds at once, at a typical length."""
         typical = max(BLOCK_SIZE, self.context // TYPICAL_FRACTION)
@@ -147,7 +191,7 @@ def layout(search: Search, shape: Shape, kv_tokens: int | None = None) -> Layout
     `kv_tokens` None gives the KV cache all the room left (capped at seqs x context).
     """
     model = search.model
-    if search.host_bytes is not None and memory.host_bytes(shape) > search.host_bytes:
+    if not layout_fits_host(search, shape):
         return None
     per_token = model.kv_bytes_per_token()
     room = memory.kv_room(model, shape, search.usable)
@@ -162,13 +206,21 @@ def layout(search: Search, shape: Shape, kv_tokens: int | None = None) -> Layout
     return Layout(shape, kv_tokens, estimate, _step_seconds(search, shape))
 
 
+def layout_fits_host(search: Search, shape: Shape) -> bool:
+    """Whether the host RAM holds what this shape offloads."""
+    needed = memory.host_bytes(search.model, shape)
+    return search.host_bytes is None or needed <= search.host_bytes
+
+
 def _step_seconds(search: Search, shape: Shape) -> float:
     """One decode step: the offloaded bytes over PCIe, the rest read on the GPU, the
     split's communication."""
     model, scheme = search.model, shape.scheme
     tp, pp = search.tensor_parallel, search.pipeline_parallel
-    # Each GPU reads its own offloaded layers over its own link, at the same time.
-    transfer = shape.offloaded * scheme.layer_bytes / search.pcie_bytes_per_s
+    # Each GPU reads its own offloaded layers over its own link, at the same time; an
+    # lm_head in host memory is read whole for every step's logits too.
+    over_pcie = shape.offloaded * scheme.layer_bytes + memory.lm_head_over_pcie(model, shape.vocab)
+    transfer = over_pcie / search.pcie_bytes_per_s
     read = (model.layers * scheme.layer_bytes + memory.resident(model, scheme)) / GPU_BYTES_PER_S
     # Pipeline stages run one after another for a token: a step is all of them (vLLM
     # keeps each busy with another batch, which is what lets the KV cache hold more).
@@ -207,14 +259,18 @@ def plan_vllm(
     rung: int = 0,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    plugin_missing: str | None = None,
 ) -> EnginePlan:
     """The plan for `model` on `gpu` within `settings.vram`; `rung` > 0 is more cautious.
 
     With parallel sizes above 1 the engine spans that many GPUs like `gpu`, each with the
     budget, and `host` is the host RAM this engine's GPUs may offload to.
+    `plugin_missing` says why the vLLM that will run cannot load lowvram's plugin (the
+    vocabulary then stays on the GPU); None: it can.
     """
     tp, pp = tensor_parallel, pipeline_parallel
     _check_split(model, tp, pp)
+    vocab_modes, vocab_note = _vocab_modes(model, settings, pp, plugin_missing)
     whole, model = model, model.shard(tp, pp)
     asked = Asked(gpu, host, settings, _budget(settings, gpu), rung)
     search = Search(
@@ -226,6 +282,7 @@ def plan_vllm(
         host_bytes=host.available_bytes,
         tensor_parallel=tp,
         pipeline_parallel=pp,
+        vocab_modes=vocab_modes,
     )
     steps = Ladder(search, _formats(model, gpu, settings), settings.optimize, rung)
     context = min(settings.context or DEFAULT_CONTEXT, model.max_position)
@@ -242,8 +299,32 @@ def plan_vllm(
         raise steps.refusal(asked)
     if search.split:
         why.insert(0, _split_reason(whole, tp, pp))
+    if vocab_note and chosen.offloaded:
+        why.append(vocab_note)
     plan = _finish(whole, search, asked, chosen, why, warnings)
     return plan.model_copy(update={"tensor_parallel": tp, "pipeline_parallel": pp})
+
+
+def _vocab_modes(
+    model: ModelFacts, settings: EngineSettings, pp: int, plugin_missing: str | None
+) -> tuple[tuple[VocabOffload, ...], str | None]:
+    """The vocabulary offloads to search (ENGINE_OFFLOAD_VOCAB), and why there are none."""
+    wanted = settings.offload_vocab
+    if wanted == "none":
+        return ("none",), None
+    why_not = plugin_missing or (
+        "pipeline parallel (the embedding lives on the first stage only)" if pp > 1 else None
+    )
+    if why_not:
+        if wanted != "auto":
+            raise PlanError(f"ENGINE_OFFLOAD_VOCAB={wanted} cannot be done: {why_not}")
+        return ("none",), f"the embedding and lm_head stay on the GPU: {why_not}"
+    tied = model.tied_embeddings  # its lm_head is the embedding: "all" is "embed"
+    if wanted == "embed":
+        return ("embed",), None
+    if wanted == "all":
+        return ("embed" if tied else "all",), None
+    return (("none", "embed") if tied else ("none", "embed", "all")), None
 
 
 def _check_split(model: ModelFacts, tp: int, pp: int) -> None:
@@ -295,16 +376,18 @@ class Ladder:
         return [t for t in BATCHED_TOKENS if t <= limit and t >= seqs] or [seqs]
 
     def candidates(
-        self, scheme: Scheme, ctx: int, graphs: bool, offloads: range
+        self, scheme: Scheme, ctx: int, graphs: bool, offloads: range, with_vocab: bool = True
     ) -> Iterator[Layout]:
+        """Layouts that fit, for each number of offloaded layers (and, `with_vocab`, each
+        vocabulary offload that goes with it) and prefill chunk."""
+        search = self.search
         for offloaded in offloads:
-            for tokens in self.token_choices:
-                # CUDA graphs only without offload.
-                shape = self.search.shape(
-                    scheme, ctx, tokens, not graphs or offloaded > 0, offloaded
-                )
-                if (found := layout(self.search, shape)) is not None:
-                    yield found
+            vocabs = search.vocab_options(offloaded) if with_vocab else ("none",)
+            for vocab in vocabs:
+                for tokens in self.token_choices:
+                    shape = search.shape(scheme, ctx, tokens, offloaded, vocab, graphs)
+                    if (found := layout(search, shape)) is not None:
+                        yield found
 
     def choose(self, context: int) -> tuple[Layout | None, list[str]]:
         """The layout to run, and why, for one context length.
@@ -333,11 +416,18 @@ class Ladder:
             best = min(every, key=lambda c: (c.step_seconds, -c.running, -c.batched_tokens))
             return best, [f"{_label(best.scheme)}: the fastest single stream that fits (latency)"]
         top = max(c.tokens_per_s for c in every)
-        # Within 2% of the best: fewer offloaded layers (one stream is faster), then the
-        # better format (the ladder's order), then the larger prefill chunk.
+        # Within 2% of the best: fewer offloaded layers (one stream is faster), less of
+        # the vocabulary moved, then the better format (the ladder's order), then the
+        # larger prefill chunk.
         near = [c for c in every if c.tokens_per_s >= 0.98 * top]
         best = min(
-            near, key=lambda c: (c.offloaded, self.schemes.index(c.scheme), -c.batched_tokens)
+            near,
+            key=lambda c: (
+                c.offloaded,
+                VOCAB_ORDER.index(c.vocab),
+                self.schemes.index(c.scheme),
+                -c.batched_tokens,
+            ),
         )
         return best, [
             f"no format runs {seqs} sequences with every layer on the GPU; "
@@ -350,28 +440,43 @@ class Ladder:
         whole: dict[int, Layout] = {}
         for i, scheme in enumerate(self.schemes):
             for graphs in (True, False) if self.rung == 0 else (False,):
-                found = _fastest(self.candidates(scheme, context, graphs, range(1)))
+                found = _fastest(
+                    self.candidates(scheme, context, graphs, range(1), with_vocab=False)
+                )
                 if found is not None:
                     whole[i] = found
                     break
         return whole
 
     def refusal(self, asked: Asked) -> PlanError:
-        """Nothing fits: say where the floor is, and what host RAM offloading needs."""
-        search, last = self.search, self.schemes[-1]
+        """Nothing fits: say where the floor is (the lowest of every format), and what host
+        RAM offloading needs."""
+        search = self.search
         model = search.model
         tokens = self.token_choices[-1]
-        shape = search.shape(last, MIN_CONTEXT, tokens, True, model.layers)
-        floor = memory.floor(model, last, MIN_CONTEXT, shape)
-        offload = memory.host_bytes(shape)
+        shapes = [
+            search.shape(scheme, MIN_CONTEXT, tokens, model.layers, search.most_vocab)
+            for scheme in self.schemes
+        ]
+        # The lowest floor among the formats whose offload the host RAM holds: a budget
+        # there plans; where none is held, the format that needs the least RAM.
+        held = [s for s in shapes if layout_fits_host(search, s)]
+        lowest = (
+            min(held, key=lambda shape: memory.floor(model, shape))
+            if held
+            else min(shapes, key=lambda shape: memory.host_bytes(model, shape))
+        )
+        floor = memory.floor(model, lowest)
+        offload = memory.host_bytes(model, lowest)
         free = gib(asked.host.available_bytes)
         ram = f"; offloading it needs ~{gib(offload)} of host RAM, {free} is free"
         gpus = search.tensor_parallel * search.pipeline_parallel
         per_gpu = f" per GPU over {gpus} GPUs" if gpus > 1 else ""
+        vocab = {"none": "", "embed": ", the embedding", "all": ", the vocabulary"}
         return PlanError(
             f"{model.name} does not fit in {gib(asked.budget)}{per_gpu}: the floor is "
-            f"{gib(floor)} (every layer offloaded, one {MIN_CONTEXT}-token sequence, "
-            f"{tokens} batched tokens, {last.name})"
+            f"{gib(floor)} (every layer{vocab[lowest.vocab]} offloaded, one {MIN_CONTEXT}-token"
+            f" sequence, {tokens} batched tokens, {lowest.scheme.name or 'the dtype'})"
             + (ram if offload > asked.host.available_bytes else "")
             + ". Raise --vram, add GPUs, or use a smaller model."
         )
@@ -442,23 +547,29 @@ def _finish(
     budget, rung, pcie = asked.budget, asked.rung, search.pcie_bytes_per_s
     scheme = chosen.scheme
     offload_bytes = chosen.offloaded * scheme.layer_bytes
+    embedding = model.embedding_params * 2 if chosen.vocab != "none" else 0
+    lm_head = model.lm_head_params * 2 if chosen.vocab == "all" else 0
+    over_pcie = offload_bytes + memory.lm_head_over_pcie(model, chosen.vocab)
+    on_host = offload_bytes + embedding + lm_head
     link = "measured from the PCIe link" if gpu.pcie_bytes_per_s else "assumed: PCIe 4.0 x16"
     if chosen.offloaded:
         reasons.append(
             f"{chosen.offloaded} of {model.layers} layers ({gib(offload_bytes)}) offloaded to "
             "pinned host memory, whole layers"
         )
+    reasons += _vocab_reasons(model, chosen, search)
+    if over_pcie:
         reasons.append(
-            f"each decode step reads the offloaded {gib(offload_bytes)} over PCIe at "
-            f"{pcie / 1e9:.0f} GB/s ({link}): at most {pcie / offload_bytes:.1f} steps/s, "
-            f"shared by up to {chosen.running} sequences (~{chosen.tokens_per_s:.0f} tokens/s "
-            "in all, an upper bound)"
+            f"each decode step reads {gib(over_pcie)} over PCIe at {pcie / 1e9:.0f} GB/s "
+            f"({link}): at most {pcie / over_pcie:.1f} steps/s, shared by up to "
+            f"{chosen.running} sequences (~{chosen.tokens_per_s:.0f} tokens/s in all, an "
+            "upper bound)"
         )
-        if 2 * offload_bytes > host.available_bytes:
-            warnings.append(
-                f"pinning {gib(offload_bytes)} can briefly take twice that in host RAM; "
-                f"{gib(host.available_bytes)} is available"
-            )
+    if 2 * on_host > host.available_bytes:
+        warnings.append(
+            f"pinning {gib(on_host)} can briefly take twice that in host RAM; "
+            f"{gib(host.available_bytes)} is available"
+        )
     reasons.append(
         f"KV cache: {chosen.kv_tokens:,} tokens (paged: at least one {chosen.context}-token "
         f"context; {chosen.running} of the {chosen.seqs} sequences at a quarter of it each)"
@@ -486,6 +597,10 @@ def _finish(
         quantization_arg=scheme.quantization_arg,
         offloaded_layers=chosen.offloaded,
         cpu_offload_bytes=offload_bytes,
+        vocab_offload=chosen.vocab,
+        embedding_offload_bytes=embedding,
+        lm_head_offload_bytes=lm_head,
+        tied_embeddings=model.tied_embeddings,
         kv_cache_bytes=chosen.estimate.kv_cache,
         kv_bytes_per_token=model.kv_bytes_per_token(),
         max_model_len=chosen.context,
@@ -502,3 +617,36 @@ def _finish(
         warnings=tuple(warnings),
         rung=rung,
     )
+
+
+def _vocab_reasons(model: ModelFacts, chosen: Layout, search: Search) -> list[str]:
+    """What the plan does with the embedding and the lm_head, and why."""
+    embedding = gib(model.embedding_params * 2)
+    if chosen.vocab == "none":
+        if chosen.offloaded and "embed" in search.vocab_modes:  # tied: a choice, lost
+            return [
+                f"the tied embedding and lm_head ({embedding}) stay on the GPU: reading them "
+                "over PCIe every step would cost more tokens/s than the room they free buys"
+            ]
+        return []
+    if model.tied_embeddings:
+        return [
+            f"the tied embedding and lm_head ({embedding}) in host memory too (lowvram's vLLM "
+            "plugin): the logits read it whole over PCIe every step, counted above"
+        ]
+    lines = [
+        f"the input embedding ({embedding}) in host memory too (lowvram's vLLM plugin): a "
+        "step reads a few rows of it, so its whole size is freed for next to nothing"
+    ]
+    lm_head = gib(model.lm_head_params * 2)
+    if chosen.vocab == "all":
+        lines.append(
+            f"the lm_head ({lm_head}) in host memory as well: read whole over PCIe every step "
+            "(counted above), and the room it frees buys more tokens/s than that costs"
+        )
+    elif "all" in search.vocab_modes:
+        lines.append(
+            f"the lm_head ({lm_head}) stays on the GPU: reading it over PCIe every step would "
+            "cost more tokens/s than the room it frees buys"
+        )
+    return lines
