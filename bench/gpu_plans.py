@@ -4,6 +4,7 @@ measure, stop.
     python -m bench.gpu_plans MODEL_DIR --vram 5 8 16 [--context 2048 --concurrency 8]
         [--quantization auto|none|fp8|bitsandbytes] [--optimize throughput|latency]
         [--long-prompt 30000] [--out results.jsonl] [--tokens 128]
+        [--offload-vocab auto|embed|all|none]
 
 Per budget it records: the plan's estimate and the VRAM nvidia-smi shows once ready (the
 engine is alone on the card), vLLM's own figures (weights, KV tokens, offloaded GiB), whether
@@ -12,7 +13,8 @@ stream and for `--concurrency` streams (ignore_eos, fixed lengths), whether a pr
 `--long-prompt` tokens is served (and its time to first token), the gateway's added time
 to first token (the same requests straight to the engine and through the gateway,
 interleaved), and the offload roofline: host-to-device bandwidth (measured first, in its own
-process) over the offloaded bytes each decode step reads, against the achieved steps/s.
+process) over the bytes each decode step reads over PCIe (offloaded layers, and the lm_head
+where lowvram's plugin put it in host memory), against the achieved steps/s.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from typing import Any
 import httpx
 
 from lowvram.engine.errors import PlanError
+from lowvram.engine.factory import build_backends
 from lowvram.engine.handle import EngineState
-from lowvram.engine.hardware import detect_gpus, detect_hardware, gpu_memory_used
+from lowvram.engine.hardware import detect_gpus, gpu_memory_used
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.supervisor import Supervisor
 from lowvram.engine.units import GiB
 from lowvram.engine.vllm.backend import VllmBackend
-from lowvram.engine.vllm.model import load_model_facts
 from lowvram.gateway.app import create_app
 from lowvram.gateway.settings import GatewaySettings
 from tests.helpers import serve
@@ -159,7 +161,6 @@ async def measure(
 
 
 def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth: float) -> Result:
-    facts = load_model_facts(model_dir)
     result = Result(model=Path(model_dir).name, budget_gib=vram_gib)
     engine_settings = EngineSettings(
         _env_file=None,  # type: ignore[call-arg]
@@ -168,13 +169,19 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
         concurrency=args.concurrency,
         quantization=args.quantization,
         optimize=args.optimize,
+        offload_vocab=args.offload_vocab,
+        model=model_dir,
+        backend="vllm",
         ready_timeout=900,
         max_restarts=0,
         log_file=Path(args.work) / "engine.log",
     )
     try:
         planning = time.perf_counter()
-        backend = VllmBackend(facts, detect_hardware(engine_settings), engine_settings)
+        # What `lowvram serve` builds: the factory (which asks whether vLLM has the plugin).
+        backends, _ = build_backends(engine_settings)
+        backend = backends[0]
+        assert isinstance(backend, VllmBackend)
         result.plan_ms = (time.perf_counter() - planning) * 1000
     except PlanError as exc:
         result.error = f"refused: {exc}"
@@ -204,6 +211,7 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
                 "max_num_batched_tokens",
                 "enforce_eager",
                 "rung",
+                "vocab_offload",
             }
         ) | {
             "kv_cache_tokens": plan.kv_cache_tokens,
@@ -218,9 +226,9 @@ def run_one(model_dir: str, vram_gib: float, args: argparse.Namespace, bandwidth
             return result
         used = gpu_memory_used()
         result.measured_gib = used / GiB if used is not None else None
-        result.offloaded_gib = plan.cpu_offload_bytes / GiB
-        if plan.cpu_offload_bytes:
-            result.roofline_steps_s = bandwidth / plan.cpu_offload_bytes
+        result.offloaded_gib = plan.host_offload_bytes / GiB
+        if plan.pcie_bytes_per_step:
+            result.roofline_steps_s = bandwidth / plan.pcie_bytes_per_step
         asyncio.run(
             measure(
                 result,
@@ -277,7 +285,13 @@ def row(r: Result) -> list[str]:
         r.model,
         f"{r.budget_gib:g} GiB",
         f"{p['quantization'] or 'bf16'}, {'eager' if p['enforce_eager'] else 'CUDA graphs'}, "
-        f"{p['offloaded_layers']} layers offloaded, {p['max_num_seqs']} seqs, "
+        f"{p['offloaded_layers']} layers offloaded"
+        + (
+            f" + vocabulary ({p['vocab_offload']})"
+            if p.get("vocab_offload", "none") != "none"
+            else ""
+        )
+        + f", {p['max_num_seqs']} seqs, "
         f"KV {p['kv_cache_tokens']:,} tokens, context {p['max_model_len']}",
         f"{r.estimate_gib:.2f} GiB",
         f"{r.measured_gib:.2f} GiB",
@@ -314,6 +328,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quantization", default="auto")
     parser.add_argument("--optimize", default="throughput")
+    parser.add_argument("--offload-vocab", default="auto", help="ENGINE_OFFLOAD_VOCAB")
     parser.add_argument("--long-prompt", type=int, default=0, help="also serve this many tokens")
     parser.add_argument(
         "--ttft-samples",

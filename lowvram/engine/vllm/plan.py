@@ -187,6 +187,13 @@ class EnginePlan(BaseModel):
         return self.offload_budget + self.lm_head_offload_bytes
 
     @property
+    def pcie_bytes_per_step(self) -> int:
+        """What a decode step reads over PCIe: the offloaded layers, and the lm_head where
+        it is in host memory (a tied one is the embedding)."""
+        head = self.embedding_offload_bytes if self.tied_embeddings else self.lm_head_offload_bytes
+        return self.cpu_offload_bytes + head
+
+    @property
     def vocab_modules(self) -> tuple[str, ...]:
         """What the plugin is asked to move: "embed" and, untied, "lm_head"."""
         if self.vocab_offload == "none":
