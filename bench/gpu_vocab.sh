@@ -12,10 +12,15 @@ export PYTHONPATH=/tmp/site VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPL
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ! python3 -c "import lowvram.engine.vllm.plugin" 2>/dev/null || [ ! -e /tmp/.lowvram-installed ]; then
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 && touch /tmp/.lowvram-installed
+  # Installed, not just importable: vLLM finds the plugin by its entry point.
+  { python3 -m pip install -q --no-deps --no-build-isolation -e . ||
+    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . ; } \
+    >"$OUT/pip.log" 2>&1 && touch /tmp/.lowvram-installed
+  python3 -c "from lowvram.engine.vllm.environment import missing_plugin as m; print('plugin:', m(None) or 'found')" | tee -a "$OUT/plans.log"
 fi
 plans() { python3 -m bench.gpu_plans "$@" --out "$OUT/plans.jsonl" --work "$OUT" 2>&1 | tee -a "$OUT/plans.log"; }
 case "$1" in
+  install) ;;
   8b)
     [ -d /tmp/m8 ] || python3 -m bench.gpu_models /tmp/m8 qwen3-8b | tee -a "$OUT/plans.log"
     plans /tmp/m8 --vram 4 6 --context 4096 --concurrency 8 --tokens 96 --ttft-samples 3 ;;
