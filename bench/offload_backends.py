@@ -36,7 +36,11 @@ KEY = "bench-offload-key"
 
 def base_plan(model_dir: str, vram: float, streams: int) -> EnginePlan:
     settings = EngineSettings(  # type: ignore[call-arg]
-        _env_file=None, vram=int(vram * GiB), concurrency=streams, offload_vocab="none"
+        _env_file=None,
+        vram=int(vram * GiB),
+        concurrency=streams,
+        offload_vocab="none",
+        quantization="bitsandbytes",  # FP8 quantized at load cannot be offloaded (meta weights)
     )
     hardware = detect_hardware(settings)
     assert hardware.gpu is not None

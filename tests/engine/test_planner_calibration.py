@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lowvram.engine.hardware import GpuFacts
 from lowvram.engine.units import GiB
-from lowvram.engine.vllm.memory import Shape, kv_room, ladder
+from lowvram.engine.vllm.memory import Shape, VocabOffload, kv_room, ladder
 from lowvram.engine.vllm.memory import estimate as memory_estimate
 from lowvram.engine.vllm.model import parse_config
 
@@ -74,8 +75,8 @@ SHAPES |= {"qwen3-8b": QWEN3_8B, "llama-70b-awq": LLAMA_70B_AWQ}
 H200 = GpuFacts("NVIDIA H200", int(139.8 * GiB), int(139.3 * GiB), (9, 0), 55e9)
 
 # shape, format, offloaded layers, sequences, context, batched tokens, eager, KV tokens,
-# budget GiB, measured GiB (nvidia-smi once ready)
-MEASURED = [
+# budget GiB, measured GiB (nvidia-smi once ready); the vocabulary on the GPU
+MEASURED: list[tuple[Any, ...]] = [
     ("0.5b", None, 0, 4, 2048, 2048, True, 8192, 3, 2.52),
     ("7b", "bitsandbytes", 27, 4, 2048, 512, True, 8192, 5, 4.67),
     ("7b", "bitsandbytes", 5, 8, 2048, 256, True, 16384, 8, 7.53),
@@ -88,11 +89,31 @@ MEASURED = [
     ("qwen3-8b", "bitsandbytes", 33, 8, 4096, 256, True, 8208, 6, 5.82),
     ("llama-70b-awq", "awq", 80, 16, 4096, 1024, True, 10256, 10, 9.72),
 ]
+# The same, and where lowvram's plugin put the vocabulary (2026-12-01, H200).
+MEASURED_VOCAB: list[tuple[Any, ...]] = [
+    ("qwen3-8b", "bitsandbytes", 29, 8, 4096, 256, True, 8192, 4, 3.77, "all"),
+    ("qwen3-8b", "bitsandbytes", 8, 8, 4096, 256, True, 8224, 6, 5.75, "all"),
+    ("qwen3-8b", "bitsandbytes", 33, 8, 4096, 256, True, 8208, 6, 5.82, "none"),
+    ("llama-70b-awq", "awq", 80, 8, 512, 256, True, 608, 2, 1.80, "all"),
+    ("llama-70b-awq", "awq", 73, 16, 4096, 256, True, 16464, 10, 9.71, "all"),
+]
 
 
 @pytest.mark.parametrize(
-    ("shape", "fmt", "offloaded", "seqs", "context", "tokens", "eager", "kv", "budget", "measured"),
-    MEASURED,
+    (
+        "shape",
+        "fmt",
+        "offloaded",
+        "seqs",
+        "context",
+        "tokens",
+        "eager",
+        "kv",
+        "budget",
+        "measured",
+        "vocab",
+    ),
+    [(*row, "none") for row in MEASURED] + MEASURED_VOCAB,
 )
 def test_estimates_stay_within_10_percent_of_what_the_gpu_measured(
     shape: str,
@@ -105,12 +126,13 @@ def test_estimates_stay_within_10_percent_of_what_the_gpu_measured(
     kv: int,
     budget: int,
     measured: float,
+    vocab: VocabOffload,
 ) -> None:
     model = parse_config(BASE | {"vocab_size": 151936} | SHAPES[shape], shape)
     scheme = next(s for s in ladder(model, H200) if s.name == fmt)
     # The whole budget: these configurations ran in it (the planner keeps a safety margin
     # on top, which is its choice, not the GPU's).
-    shape = Shape(scheme, context, seqs, tokens, eager, offloaded)
+    shape = Shape(scheme, context, seqs, tokens, eager, offloaded, vocab=vocab)
     assert kv * model.kv_bytes_per_token() <= kv_room(model, shape, budget * GiB), (
         "the measured configuration must fit its budget"
     )

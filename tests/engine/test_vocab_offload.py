@@ -295,3 +295,17 @@ def test_the_explanation_and_json_show_both_tensors(tmp_path: Path) -> None:
     data = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True).stdout)
     assert data["vocab_offload"] == "all" and data["lm_head_offload_bytes"] > 0
     assert data["env"]["LOWVRAM_OFFLOAD_VOCAB"] == "embed,lm_head"
+
+
+def test_fp8_quantized_at_load_is_never_offloaded() -> None:
+    """vLLM 0.26 failed such a plan on the H200: "Cannot copy out of meta tensor"."""
+    for name in ("qwen3-8b", "qwen2.5-14b-instruct", "deepseek-r1-distill-llama-70b"):
+        for vram in (4, 6, 8, 12, 16, 22):
+            try:
+                p = plan(name, vram)
+            except PlanError:
+                continue
+            if p.quantization == "fp8":
+                assert p.offloaded_layers == 0 and p.vocab_offload == "none", (name, vram)
+    with pytest.raises(PlanError, match="nothing offloaded: vLLM cannot offload it"):
+        plan("qwen3-8b", 6, quantization="fp8")

@@ -69,6 +69,8 @@ class Scheme:
     """bf16 intermediate-sized outputs per token in the MLP."""
     slowdown: float = 1.0
     """How much slower than bf16 its matmuls read weights (bitsandbytes: ~2.5x)."""
+    offloadable: bool = True
+    """Whether vLLM can keep any of it in host memory."""
 
     @property
     def quantization_arg(self) -> str | None:
@@ -92,7 +94,10 @@ def ladder(model: ModelFacts, gpu: GpuFacts) -> list[Scheme]:
         # loads; vLLM then holds ~3 bf16 copies of the largest matrix more than the weights
         # (a Qwen3-8B shape measured 9.09 GiB loaded against 8.79 of weights, on an H200).
         scratch = 6 * model.largest_linear_params
-        schemes.append(Scheme("fp8", linear + small, load_scratch=scratch))
+        # vLLM 0.26 builds FP8-at-load weights on the meta device and makes them real as
+        # they load, after its offloader has copied parameters to the host: "Cannot copy
+        # out of meta tensor" (H200, Qwen3-8B shape, 36 layers offloaded). On the GPU only.
+        schemes.append(Scheme("fp8", linear + small, load_scratch=scratch, offloadable=False))
     # vLLM packs 4-bit weights into uint8 parameters (the part offload moves) and keeps
     # bitsandbytes' double-quantized absmax on the GPU: ~1/64 byte per weight. A layer left
     # on the GPU measured another 1/64 byte per weight (allocator rounding).
@@ -220,11 +225,10 @@ def host_bytes(model: ModelFacts, shape: Shape) -> int:
 
 
 def floor(model: ModelFacts, shape: Shape) -> int:
-    """The smallest budget a plan of this shape's format and vocabulary offload could use
-    for this model (or shard): every layer offloaded, one sequence of the shape's context,
-    its batched tokens."""
+    """The smallest budget a plan of this shape could use for this model (or shard): its
+    layers and vocabulary offloaded, one sequence of its context, its batched tokens."""
     scheme = shape.scheme
     kv = math.ceil(shape.context / BLOCK_SIZE) * BLOCK_SIZE * model.kv_bytes_per_token()
     acts = int(activations(model, shape.batched_tokens, 1, scheme) * shape.margin)
-    usable = overhead(shape) + acts + kv + resident(model, scheme, shape.vocab)
+    usable = overhead(shape) + acts + kv + weights_on_gpu(model, shape)
     return max(usable + SAFETY_MIN, math.ceil(usable / (1 - SAFETY_FRACTION)))

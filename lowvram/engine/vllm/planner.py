@@ -383,6 +383,10 @@ class Ladder:
         search = self.search
         for offloaded in offloads:
             vocabs = search.vocab_options(offloaded) if with_vocab else ("none",)
+            if not scheme.offloadable:
+                if offloaded:
+                    return
+                vocabs = ("none",)
             for vocab in vocabs:
                 for tokens in self.token_choices:
                     shape = search.shape(scheme, ctx, tokens, offloaded, vocab, graphs)
@@ -456,29 +460,39 @@ class Ladder:
         tokens = self.token_choices[-1]
         shapes = [
             search.shape(scheme, MIN_CONTEXT, tokens, model.layers, search.most_vocab)
+            if scheme.offloadable
+            else search.shape(scheme, MIN_CONTEXT, tokens, 0)
             for scheme in self.schemes
         ]
+
         # The lowest floor among the formats whose offload the host RAM holds: a budget
-        # there plans; where none is held, the format that needs the least RAM.
+        # there plans. One that would go lower with more RAM is said too.
+        def floor_of(shape: Shape) -> int:
+            return memory.floor(model, shape)
+
         held = [s for s in shapes if layout_fits_host(search, s)]
-        lowest = (
-            min(held, key=lambda shape: memory.floor(model, shape))
-            if held
-            else min(shapes, key=lambda shape: memory.host_bytes(model, shape))
-        )
-        floor = memory.floor(model, lowest)
-        offload = memory.host_bytes(model, lowest)
-        free = gib(asked.host.available_bytes)
-        ram = f"; offloading it needs ~{gib(offload)} of host RAM, {free} is free"
+        lowest = min(shapes, key=floor_of)
+        chosen = min(held, key=floor_of) if held else lowest
+        ram = ""
+        if not layout_fits_host(search, lowest):
+            ram = (
+                f"; offloading {lowest.scheme.name or 'the dtype'} would go down to "
+                f"{gib(floor_of(lowest))} but needs ~{gib(memory.host_bytes(model, lowest))} "
+                f"of host RAM, {gib(asked.host.available_bytes)} is free"
+            )
         gpus = search.tensor_parallel * search.pipeline_parallel
         per_gpu = f" per GPU over {gpus} GPUs" if gpus > 1 else ""
         vocab = {"none": "", "embed": ", the embedding", "all": ", the vocabulary"}
+        what = (
+            f"every layer{vocab[chosen.vocab]} offloaded"
+            if chosen.offloaded
+            else "nothing offloaded: vLLM cannot offload it"
+        )
         return PlanError(
             f"{model.name} does not fit in {gib(asked.budget)}{per_gpu}: the floor is "
-            f"{gib(floor)} (every layer{vocab[lowest.vocab]} offloaded, one {MIN_CONTEXT}-token"
-            f" sequence, {tokens} batched tokens, {lowest.scheme.name or 'the dtype'})"
-            + (ram if offload > asked.host.available_bytes else "")
-            + ". Raise --vram, add GPUs, or use a smaller model."
+            f"{gib(floor_of(chosen))} ({what}, one {MIN_CONTEXT}-token sequence, "
+            f"{tokens} batched tokens, {chosen.scheme.name or 'the dtype'}){ram}. "
+            "Raise --vram, add GPUs, or use a smaller model."
         )
 
 
