@@ -14,12 +14,15 @@ mean the same thing; the flag wins. A mistake the user can fix prints one line,
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import re
 import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -148,7 +151,7 @@ def serve(args: argparse.Namespace) -> int:
 
     gateway = settings_from(GatewaySettings, args, SERVE_FLAGS)
     engine_settings = settings_from(EngineSettings, args, SERVE_FLAGS)
-    configure_logging(gateway.log_level)
+    configure_logging(gateway.log_level, gateway.log_format)
     has_keys = _open_database(gateway.db_path)
     listener = listen(gateway.host, gateway.port)  # a taken port fails before the engine starts
     engine = build_engine(gateway, engine_settings)
@@ -156,6 +159,7 @@ def serve(args: argparse.Namespace) -> int:
     def banner() -> None:
         print(_banner(gateway, engine, has_keys or bool(gateway.api_keys)), flush=True)
 
+    _QuietServer = _quiet_server_class()
     # On SIGTERM in-flight streams may finish for drain_seconds; then uvicorn cancels them,
     # and each ends with an error event (gateway/relay.py).
     config = uvicorn.Config(
@@ -168,8 +172,38 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         http=protocol_for(gateway),  # header deadline, connection cap (connections.py)
     )
-    uvicorn.Server(config).run(sockets=[listener])
+    _QuietServer(config).run(sockets=[listener])
+    print("lowvram stopped.", file=sys.stderr, flush=True)
     return 0
+
+
+def _quiet_server_class() -> type[Any]:
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        """uvicorn's server, less the Ctrl-C (or SIGTERM) it re-raises once it has stopped on
+        it: that stop was clean, so exit 0, not a KeyboardInterrupt traceback."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            if self.force_exit:
+                # A second Ctrl-C: uvicorn stops waiting and skips the app's shutdown. Cut
+                # what still runs (each stream ends with its error event), then shut the
+                # app down all the same: its engines must not outlive it.
+                tasks = list(self.server_state.tasks)
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.wait(tasks, timeout=5)
+                await self.lifespan.shutdown()
+
+    return QuietServer
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1,4 +1,8 @@
-"""Structured logs: one JSON object per line, each carrying the request id in scope."""
+"""Logs: one JSON object per line for machines, or text for a person at a terminal; each
+line carries the request id in scope.
+
+    configure_logging("info", "auto")     # text when stderr is a terminal, else JSON
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,12 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 """The id of the request in scope, written on every log line (set by the middleware)."""
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn's lines carry the message again with ANSI colours: noise in a log.
+_RESERVED |= {"color_message"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RESERVED}
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,15 +35,39 @@ class JsonFormatter(logging.Formatter):
             "request_id": request_id_var.get(),
             "msg": record.getMessage(),
         }
-        line.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        line.update(_extras(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
+class TextFormatter(logging.Formatter):
+    """`12:00:01 info lowvram.access: request status=200 ...`; a field of several lines (a
+    plan's explanation) follows on its own lines, as it reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        request = request_id_var.get()
+        head = f"{stamp} {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if request != "-":
+            head += f" [{request}]"
+        blocks = []
+        fields = []
+        for key, value in _extras(record).items():
+            if isinstance(value, str) and "\n" in value:
+                blocks.append(value)
+            elif value is not None:
+                fields.append(f"{key}={value}")
+        text = " ".join([head, *fields])
+        if record.exc_info:
+            blocks.append(self.formatException(record.exc_info))
+        return "\n".join([text, *blocks])
+
+
+def configure_logging(level: str = "info", style: str = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    text = style == "text" or (style == "auto" and sys.stderr.isatty())
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

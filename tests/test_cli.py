@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,35 @@ def test_replica_names_never_show_a_urls_password() -> None:
     pool = build_engine(gateway, EngineSettings(_env_file=None))  # type: ignore[call-arg]
     assert isinstance(pool, Replicas)
     assert pool.names == ["10.0.0.1:8001", "[::1]:8002", "h"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--backend", "llamacpp", "--model", "/tmp:nc/nope.gguf"], ("no such file: /tmp:nc",)),
+        (["--backend", "llamacpp", "--model", "./nope.gguf"], ("no such file",)),
+        (
+            ["--backend", "llamacpp", "--model", "Qwen/No-Such-GGUF:nope.gguf"],
+            ("cannot be reached",),
+        ),
+    ],
+)
+def test_a_model_that_is_not_there_is_one_line_at_once(
+    tmp_path: Path, args: list[str], needles: tuple[str, ...]
+) -> None:
+    """Offline, a Hub id fails once and fast, not after the Hub client's retries."""
+    started = time.monotonic()
+    env = {
+        "GATEWAY_DB_PATH": str(tmp_path / "gateway.sqlite3"),
+        "ENGINE_MODELS_DIR": str(tmp_path / "models"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = lowvram("serve", *args, env=env, cwd=tmp_path)
+    assert_one_clean_line(result, *needles)
+    assert time.monotonic() - started < 20
+    assert "Repo id must use" not in result.stderr
+
+
+def test_plan_names_a_missing_directory(tmp_path: Path) -> None:
+    result = lowvram("plan", str(tmp_path / "nope"), "--gpu-memory", "24GiB")
+    assert_one_clean_line(result, "no such directory")

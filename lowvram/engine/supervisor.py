@@ -351,8 +351,8 @@ class Supervisor(StateMixin):
         _signal_group(process.pid, signal.SIGKILL)
         await _group_gone(process.pid, timeout=5.0)
         if self._reader is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._reader, 5.0)
+            # asyncio.wait: the reader may have been cancelled already (the loop closing).
+            await asyncio.wait({self._reader}, timeout=5.0)
 
     def _kill_now(self) -> None:
         """At interpreter exit without stop(): leave no engine behind."""

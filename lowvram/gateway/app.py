@@ -9,11 +9,14 @@ that a bad model or budget fails before anything listens); the lifespan starts a
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from lowvram.engine.handle import EngineHandle, EngineState
 from lowvram.engine.replicas import Replicas, as_replicas
@@ -21,11 +24,17 @@ from lowvram.gateway.auth import Authenticator
 from lowvram.gateway.errors import register_error_handlers
 from lowvram.gateway.keystore import KeyStore, UsageLog
 from lowvram.gateway.metrics import Metrics
-from lowvram.gateway.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from lowvram.gateway.middleware import (
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    ShutdownMiddleware,
+)
 from lowvram.gateway.routes import openai, ops
 from lowvram.gateway.serving import Gateway
 from lowvram.gateway.settings import GatewaySettings
 from lowvram.gateway.upstream import create_client
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(
@@ -56,10 +65,16 @@ def create_app(
         try:
             yield
         finally:
-            await pool.stop()
-            await client.aclose()
-            usage_log.close()
-            store.close()
+            try:
+                await pool.stop()
+            except asyncio.CancelledError:
+                # A second Ctrl-C: the shutdown waits no longer. Each supervisor kills its
+                # engine's process group as the interpreter exits, so none is left.
+                logger.info("stopping at once: engines are killed on exit")
+            finally:
+                await client.aclose()
+                usage_log.close()  # writes what is queued
+                store.close()
 
     app = FastAPI(
         title="lowvram gateway",
@@ -71,13 +86,25 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(ops.router)
     register_error_handlers(app)
-    # Added last runs first: the request's id and log line, then the body limit.
+    # Added last runs first: CORS (a browser's preflight carries no key), the request's id
+    # and log line, then the body's limits.
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=int(settings.max_body_bytes),
         body_seconds=settings.body_timeout,
     )
     app.add_middleware(RequestContextMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "api-key", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+            allow_credentials=False,  # keys travel in headers, never in cookies
+            max_age=600,
+        )
+    app.add_middleware(ShutdownMiddleware)
     return app
 
 

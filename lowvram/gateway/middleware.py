@@ -81,6 +81,29 @@ class RequestContextMiddleware:
         access_logger.log(logging.DEBUG if quiet else logging.INFO, "request", extra=fields)
 
 
+class ShutdownMiddleware:
+    """A request cancelled by the server's shutdown ends here, quietly.
+
+    uvicorn cancels what still runs when its drain time is over, or at once on a second
+    Ctrl-C; a cancelled request would otherwise reach it as "Exception in ASGI application"
+    with a traceback. Streams have already sent their error event by then (relay.py).
+    Nothing else cancels a request's task: a client hanging up is a disconnect message.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] == "lifespan":
+                raise
+            logging.getLogger("lowvram.gateway").info(
+                "a request was cut by the shutdown", extra={"path": scope.get("path")}
+            )
+
+
 class BodyLimitMiddleware:
     """A request body within limits of size and time.
 

@@ -131,6 +131,11 @@ def _chat_shims(body: dict[str, Any], served: ServedModel) -> None:
         # LangChain sends it with no tools bound; engines reject that combination.
         del body["parallel_tool_calls"]
     choice = body.get("tool_choice")
+    if body.get("tools") and (choice == "required" or isinstance(choice, dict)):
+        # A forced call without parallel_tool_calls is one call: engines' grammars
+        # otherwise let a model repeat calls until max_tokens (llama.cpp: 4 calls in 60
+        # tokens, the last cut; 57 in 1,024). Send parallel_tool_calls: true for several.
+        body.setdefault("parallel_tool_calls", False)
     if isinstance(choice, dict) and not served.named_tool_choice:
         _narrow_to_named_tool(body, choice)
     opener = served.tool_call_opener
@@ -138,6 +143,59 @@ def _chat_shims(body: dict[str, Any], served: ServedModel) -> None:
         if body["messages"][-1].get("role") != "assistant":
             # The engine continues a final assistant message: the call is opened for it.
             body["messages"] = [*body["messages"], {"role": "assistant", "content": opener}]
+
+
+def check_tool_history(body: dict[str, Any]) -> None:
+    """Tool calls sent back in the history must carry JSON arguments: engines fail on
+    anything else with a 500 (llama.cpp: "Failed to parse tool call arguments as JSON"),
+    which is the client's mistake (a call cut by max_tokens, sent back as it was)."""
+    for i, message in enumerate(body.get("messages") or ()):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for j, call in enumerate(calls if isinstance(calls, list) else ()):
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            param = f"messages.[{i}].tool_calls.[{j}].function.arguments"
+            if not isinstance(arguments, str):
+                raise BadRequest(f"'{param}' must be a string of JSON.", param=param)
+            try:
+                json.loads(arguments or "{}")
+            except ValueError:
+                raise BadRequest(
+                    f"'{param}' is not valid JSON (a call cut short by max_tokens?): "
+                    f"{arguments[:80]!r}",
+                    param=param,
+                ) from None
+
+
+def drop_cut_tool_calls(answer: dict[str, Any]) -> bool:
+    """A call cut by max_tokens (finish_reason "length") is not a call: drop those whose
+    arguments are not whole JSON, so that no client runs one. Whether any was dropped."""
+    dropped = False
+    for choice in answer.get("choices") or ():
+        if not isinstance(choice, dict) or choice.get("finish_reason") != "length":
+            continue
+        message = choice.get("message")
+        if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+            continue
+        calls: list[Any] = message["tool_calls"]
+        whole = [c for c in calls if _whole_arguments(c)]
+        if len(whole) < len(calls):
+            dropped = True
+            if whole:
+                message["tool_calls"] = whole
+            else:
+                del message["tool_calls"]
+    return dropped
+
+
+def _whole_arguments(call: object) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    try:
+        json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        return False
+    return isinstance(arguments, str)
 
 
 def _narrow_to_named_tool(body: dict[str, Any], choice: dict[str, Any]) -> None:

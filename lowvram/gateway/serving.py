@@ -44,6 +44,8 @@ from lowvram.gateway.rewrite import (
     ask_for_usage,
     check_engine_can,
     check_stream_options,
+    check_tool_history,
+    drop_cut_tool_calls,
     fit_context,
     key_may_use,
     resolve_model,
@@ -165,6 +167,8 @@ class Gateway:
                 body.get("model"), served, self.settings.model_aliases, key
             )
             check_engine_can(endpoint, body, served)
+            if endpoint is Endpoint.CHAT:
+                check_tool_history(body)
             apply_shims(endpoint, body, served)
             # Responses streams carry their usage in `response.completed` whatever is asked.
             wants_usage = (
@@ -242,7 +246,10 @@ class Gateway:
         if not isinstance(answer, dict):
             raise UpstreamError("The engine answered with something that is not a JSON object.")
         exchange.record_usage(answer.get("usage"))
-        if REASONING in raw and mirror_reasoning(answer):
+        changed = REASONING in raw and mirror_reasoning(answer)
+        if exchange.endpoint is Endpoint.CHAT and b'"length"' in raw:
+            changed = drop_cut_tool_calls(answer) or changed
+        if changed:
             raw = json.dumps(answer, ensure_ascii=False).encode()
         await exchange.settle(200)
         return Response(raw, media_type="application/json")

@@ -58,6 +58,9 @@ class GatewaySettings(BaseSettings):
     """Keys for GET /metrics (Prometheus: authorization Bearer); they are not client keys."""
     db_path: Path = Field(default_factory=lambda: data_dir() / "gateway.sqlite3")
     """SQLite file holding managed keys and the per-request usage log."""
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Browser origins that may call the API (CORS), comma-separated, e.g.
+    http://localhost:3000; none by default. Their requests still need a key."""
 
     # --- an existing engine instead of a managed one ---------------------------------------
     upstream_url: Annotated[list[str], NoDecode] = []
@@ -113,17 +116,29 @@ class GatewaySettings(BaseSettings):
     drain_seconds: float = Field(30.0, ge=0)
     """On SIGTERM, seconds in-flight requests may take to finish before they are cut."""
     log_level: LogLevel = "info"
-    """Log level: debug, info, warning, error. Logs are JSON, one line per request."""
+    """Log level: debug, info, warning, error. One line per request."""
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """Logs as JSON lines (for machines), text (for a person), or auto: text in a terminal,
+    JSON elsewhere."""
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
 
-    @field_validator("upstream_url", mode="before")
+    @field_validator("upstream_url", "cors_origins", mode="before")
     @classmethod
     def _url_list(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            url = urlsplit(origin)
+            if origin != "*" and (url.scheme not in ("http", "https") or not url.netloc):
+                raise ValueError(f"{origin!r} is not an origin, like http://localhost:3000")
+        return [origin.rstrip("/") for origin in origins]
 
     @field_validator("upstream_url")
     @classmethod

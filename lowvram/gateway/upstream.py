@@ -110,6 +110,8 @@ def engine_error(
         elif isinstance(data.get("detail"), (str, list)):
             message = data["detail"]  # FastAPI-style servers
     text = clean_message(str(message or raw[:300].decode(errors="replace") or f"HTTP {status}"))
+    if status >= 500 and any(fault in text for fault in _CLIENT_FAULTS):
+        status = 400  # the engine says it is the request; a 5xx would be retried as is
     if 400 <= status < 500 and status != 401:
         param = error.get("param")
         param = param if isinstance(param, str) else _param_in(text, request)
@@ -124,6 +126,8 @@ def engine_error(
 
 
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
+_CLIENT_FAULTS = ("Failed to parse tool call arguments", "Failed to parse messages")
+"""What engines answer with a 500 about a request they could not read."""
 
 
 def clean_message(message: str) -> str:

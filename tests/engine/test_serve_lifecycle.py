@@ -133,3 +133,39 @@ def test_a_stream_still_running_when_the_drain_time_ends_gets_an_error_and_done(
     with sqlite3.connect(tmp_path / "gateway.sqlite3") as conn:
         (status,) = conn.execute("SELECT status FROM usage WHERE endpoint = 'chat'").fetchone()
     assert status == 503
+
+
+def test_ctrl_c_stops_cleanly_and_a_second_one_cuts_streams_quietly(
+    served: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    """SIGINT is Ctrl-C: one line, exit 0, no traceback; a second one during the drain cuts
+    what still streams without "Exception in ASGI application"."""
+    process, url, tmp_path = served
+    engine = engine_pid(tmp_path)
+    body: dict[str, Any] = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake": {"tokens": 400, "delay": 0.05},
+    }
+    received: list[str] = []
+
+    def consume() -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        url_ = url + "/v1/chat/completions"
+        with httpx.stream("POST", url_, json=body, headers=headers, timeout=30) as response:
+            received.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    client = threading.Thread(target=consume)
+    client.start()
+    wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+    process.send_signal(signal.SIGINT)
+    wait_for(lambda: "Shutting down" in (tmp_path / "serve.log").read_text(), 10, "the drain")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 0
+    client.join(30)
+    output = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in output and "Exception in ASGI application" not in output
+    assert output.rstrip().endswith("lowvram stopped.")
+    assert received and received[-1] == "data: [DONE]"  # the cut stream ended properly
+    wait_for(lambda: not alive(engine), 10, "the engine to be gone")

@@ -12,7 +12,12 @@ from lowvram.engine.handle import ServedModel
 from lowvram.gateway.errors import BadRequest
 from lowvram.gateway.exchange import Endpoint
 from lowvram.gateway.keystore import KeyStore
-from lowvram.gateway.rewrite import apply_shims, check_engine_can
+from lowvram.gateway.rewrite import (
+    apply_shims,
+    check_engine_can,
+    check_tool_history,
+    drop_cut_tool_calls,
+)
 from tests.conftest import GatewayFactory
 from tests.doubles.fake_upstream import FakeUpstream
 from tests.helpers import assert_openai_error
@@ -320,3 +325,44 @@ def test_a_llama_cpp_upstream_is_detected_and_its_tool_choice_narrowed(
     assert sent["tool_choice"] == "required" and [t["function"]["name"] for t in sent["tools"]] == [
         "a"
     ]
+
+
+@pytest.mark.parametrize("engine", [LLAMACPP, UNKNOWN])
+def test_a_forced_call_without_parallel_tool_calls_is_one_call(engine: ServedModel) -> None:
+    for choice in ("required", {"type": "function", "function": {"name": "a"}}):
+        forced = chat_body(tools=TOOLS, tool_choice=choice)
+        apply_shims(Endpoint.CHAT, forced, engine)
+        assert forced["parallel_tool_calls"] is False
+    several = chat_body(tools=TOOLS, tool_choice="required", parallel_tool_calls=True)
+    apply_shims(Endpoint.CHAT, several, engine)
+    assert several["parallel_tool_calls"] is True  # what the client asks wins
+    auto = chat_body(tools=TOOLS, tool_choice="auto")
+    apply_shims(Endpoint.CHAT, auto, engine)
+    assert "parallel_tool_calls" not in auto  # the model's choice, the engine's default
+
+
+def test_tool_arguments_sent_back_must_be_json() -> None:
+    cut = {"id": "c1", "type": "function", "function": {"name": "a", "arguments": '{"city": "Par'}}
+    body = chat_body(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [cut]}]
+    )
+    with pytest.raises(BadRequest) as refused:
+        check_tool_history(body)
+    assert refused.value.param == "messages.[1].tool_calls.[0].function.arguments"
+    assert "not valid JSON" in refused.value.message
+    whole = {**cut, "function": {"name": "a", "arguments": '{"city": "Paris"}'}}
+    check_tool_history(chat_body(messages=[{"role": "assistant", "tool_calls": [whole]}]))
+
+
+def test_a_call_cut_by_max_tokens_is_not_presented_as_a_call() -> None:
+    calls = [
+        {"id": "1", "type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
+        {"id": "2", "type": "function", "function": {"name": "a", "arguments": "{"}},
+    ]
+    answer = {"choices": [{"finish_reason": "length", "message": {"tool_calls": calls}}]}
+    assert drop_cut_tool_calls(answer)
+    assert [c["id"] for c in answer["choices"][0]["message"]["tool_calls"]] == ["1"]
+    alone = {"choices": [{"finish_reason": "length", "message": {"tool_calls": calls[1:]}}]}
+    assert drop_cut_tool_calls(alone) and "tool_calls" not in alone["choices"][0]["message"]
+    stopped = {"choices": [{"finish_reason": "tool_calls", "message": {"tool_calls": calls}}]}
+    assert not drop_cut_tool_calls(stopped)  # only a cut answer is touched

@@ -39,6 +39,15 @@ ENGINE_SAID = json.dumps(
         # Server errors are the engine's failure: 502, however they are written.
         (500, ENGINE_SAID, 502, "server_error", "The engine failed"),
         (503, b"<html>busy</html>", 502, "server_error", "The engine failed"),
+        # llama.cpp's 500 about a history it cannot read is the client's: a 400, no retry.
+        (
+            500,
+            b'{"error": {"code": 500, "message": "Failed to parse tool call arguments as JSON:'
+            b' [json.exception.parse_error.101]", "type": "server_error"}}',
+            400,
+            "invalid_request_error",
+            "Failed to parse tool call arguments",
+        ),
     ],
 )
 def test_engine_refusals(

@@ -45,10 +45,11 @@ class LlamaCppBackend:
     def from_settings(
         cls, settings: EngineSettings, hardware: Hardware, replicas: int = 1
     ) -> list[LlamaCppBackend]:
-        """Build llama.cpp's server if need be, fetch the model if need be, and plan one
-        backend per replica (each its own server process)."""
-        server = shlex.split(settings.command) if settings.command else ensure_server()
+        """Fetch the model if need be, build llama.cpp's server if need be, and plan one
+        backend per replica (each its own server process). The model first: a wrong name
+        fails in a second, not after an eight-minute build."""
         model = resolve_gguf(settings.model, settings.models_dir)
+        server = shlex.split(settings.command) if settings.command else ensure_server()
         metadata = read_metadata(model.path)
         plan = plan_llamacpp(model, metadata, settings, hardware.host, replicas)
         return [cls(plan, settings, server) for _ in range(replicas)]

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from lowvram.engine.errors import ModelError
+from lowvram.engine.hub import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +65,25 @@ def resolve_gguf(spec: str | None, models_dir: Path) -> ResolvedModel:
     path = Path(spec).expanduser()
     if path.is_file():
         return ResolvedModel(path.resolve(), _name_of(path.name), "local file")
+    if _looks_local(spec):
+        raise ModelError(f"no such file: {path}")
     repo, filename = _split_hub_spec(spec)
     if repo is None:
         raise ModelError(f"{spec}: not a file, and not a Hub file (write owner/repo:file.gguf)")
+    if _hub_cached(repo, filename) is None and not hub_reachable():
+        # Fail once, now: the Hub client would retry for ~20 s, printing every retry.
+        raise ModelError(
+            f"{repo}:{filename} is not cached and the Hugging Face Hub cannot be reached "
+            "from here; pass a local GGUF file instead"
+        )
     return download_from_hub(repo, filename, _name_of(filename))
+
+
+def _looks_local(spec: str) -> bool:
+    """A path, not a Hub id: absolute, relative to here or home, or a bare .gguf name."""
+    if spec.startswith(("/", "./", "../", "~")):
+        return True
+    return spec.endswith(".gguf") and ":" not in spec and spec.count("/") < 2
 
 
 def _default_model(models_dir: Path) -> ResolvedModel:
@@ -111,19 +124,6 @@ def _name_of(filename: str) -> str:
     for quant in ("-q4_k_m", "-q4_0", "-q5_k_m", "-q8_0", "-f16", "-q6_k", "-q3_k_m"):
         stem = stem.removesuffix(quant)
     return stem
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick look before the Hub client, which retries for ~20 s when there is no network."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def download_from_hub(repo: str, filename: str, served_name: str) -> ResolvedModel:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowvram.engine.errors import ModelError
+from lowvram.engine.hub import hub_reachable
 
 _SAFETENSORS_DTYPE_BYTES = {
     "F64": 8,
@@ -248,6 +249,8 @@ def load_model_facts(model: str) -> ModelFacts:
         )
     if path.suffix == ".gguf" or path.exists():
         raise ModelError(f"{model} is not a Hugging Face model directory (GGUF goes to llama.cpp)")
+    if model.startswith(("/", "./", "../", "~")):
+        raise ModelError(f"no such directory: {path}")
     return _from_hub(model)
 
 
@@ -273,13 +276,20 @@ def _from_hub(repo_id: str) -> ModelFacts:
             f"{repo_id}: not a directory, and huggingface_hub is not installed"
         ) from exc
 
+    offline = not hub_reachable()  # then the cache only: no ~20 s of retries
+
     def fetch(filename: str) -> Path | None:
         try:
-            return Path(hf_hub_download(repo_id, filename))
+            return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
         except Exception:  # the hub client raises many kinds; all mean "not there"
             return None
 
     config = fetch("config.json")
+    if config is None and offline:
+        raise ModelError(
+            f"{repo_id}: not a local directory, not cached, and the Hugging Face Hub cannot "
+            "be reached from here (a directory with config.json is enough to plan)"
+        )
     if config is None:
         raise ModelError(f"{repo_id}: could not fetch config.json from the Hub")
     facts = parse_config(json.loads(config.read_text()), repo_id)
