@@ -83,6 +83,8 @@ class Exchange:
         self.request_id = request_id
         self.key = key
         self.endpoint = endpoint
+        self.engine_endpoint = endpoint
+        """What the engine is asked: the chat completions that serve a Responses request."""
         self.stream = stream
         self.model: str | None = None
         self.lease: Lease | None = None

@@ -38,6 +38,7 @@ from lowvram.gateway.errors import (
 from lowvram.gateway.exchange import CLIENT_CLOSED, Endpoint, Exchange
 from lowvram.gateway.reasoning import MARK as REASONING
 from lowvram.gateway.reasoning import mirror_reasoning
+from lowvram.gateway.responses_stream import ResponseStream
 from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of
 from lowvram.gateway.tokens import TokenCounter
 from lowvram.gateway.upstream import clean_message, map_transport_error, replica_lost
@@ -85,10 +86,10 @@ class _Garbage(Exception):
 class StreamRelay:
     """One engine stream, read once, as bytes for the client.
 
-    Two dialects: chat and completions streams are `data:` chunks ending in `[DONE]`, with
-    usage in a chunk of its own; Responses API streams are typed events (`event:` and
-    `data:` lines) ending with `response.completed` (or `.incomplete`, `.failed`), usage
-    inside it, and no `[DONE]`. Events pass on as the engine wrote them in both.
+    The engine streams chat or completions chunks: `data:` events ending in `[DONE]`, usage
+    in a chunk of its own. They pass on as the engine wrote them, unless `translate` turns
+    them into a Responses API stream (typed `event:` events ending with
+    `response.completed`, usage inside it, no `[DONE]`; responses_stream.py).
 
     `counter` and `body` serve engines that report no usage in a stream: the relay then
     counts the prompt with the engine's tokenizer and charges a token per chunk.
@@ -104,6 +105,7 @@ class StreamRelay:
         client_wants_usage: bool,
         idle_timeout: float,
         max_event_bytes: int,
+        translate: ResponseStream | None = None,
     ) -> None:
         self._upstream = upstream
         self._exchange = exchange
@@ -112,11 +114,14 @@ class StreamRelay:
         self._client_wants_usage = client_wants_usage
         self._idle_timeout = idle_timeout
         self._max_event_bytes = max_event_bytes
-        self._responses = exchange.endpoint is Endpoint.RESPONSES
+        self._translate = translate
+        self._responses = translate is not None
         self._timed_out = False
         self._closing: asyncio.Future[None] | None = None
         self._done = False
         self._saw_usage = False
+        self._failed = False
+        """The engine sent an error event."""
         self._last_chunk: dict[str, Any] | None = None
         self.completed = False
         """Whether the client got a whole stream (its end, or an error event), not a cut one."""
@@ -128,7 +133,9 @@ class StreamRelay:
         if lease is not None:
             lease.on_lost(self._expire)  # the pool took the engine out before its first event
         buffer = EventBuffer()
-        on_event = self._on_response_event if self._responses else self._on_event
+        on_event = self._on_event
+        if self._translate is not None:
+            yield self._translate.start()
         try:
             # The response's own stream, not aiter_raw(): two generator layers fewer per
             # read; transport errors arrive as httpx exceptions all the same.
@@ -211,8 +218,17 @@ class StreamRelay:
         if not self._done:
             error = UpstreamError("The engine ended the stream unfinished.")
             return self._end(self._cut_error() or error)
-        if self._responses:
-            return b""
+        if self._translate is not None:
+            if self._failed:
+                return b""  # the error event ended the response
+            if not self._saw_usage:
+                await self._synthesize_usage()
+            exchange = self._exchange
+            usage = {
+                "prompt_tokens": exchange.prompt_tokens,
+                "completion_tokens": exchange.completion_tokens,
+            }
+            return self._translate.finish(usage)
         if self._saw_usage:
             return DONE
         return (await self._synthesize_usage() or b"") + DONE
@@ -268,9 +284,12 @@ class StreamRelay:
             return self._on_usage(event[6:])
         if event.startswith(b'data: {"error"'):
             self._exchange.status = UpstreamError.status_code
+            self._failed = True
             return sse_error_event(engine_stream_error(event[6:]))
         if self._last_chunk is None:
             self._last_chunk = _json(event[6:])  # its id and model, for a usage chunk of ours
+        if self._translate is not None:
+            return self._translate.feed(_json(event[6:]))
         if REASONING in event:
             chunk = _json(event[6:])
             if mirror_reasoning(chunk):
@@ -281,6 +300,8 @@ class StreamRelay:
         chunk = _json(data)
         self._saw_usage = True
         self._exchange.record_usage(chunk.get("usage"))
+        if self._translate is not None:
+            return self._translate.feed(chunk)  # its usage goes in response.completed
         if self._client_wants_usage:
             return b"data: " + data + b"\n\n"
         if not chunk.get("choices"):
@@ -288,38 +309,13 @@ class StreamRelay:
         del chunk["usage"]
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
-    def _on_response_event(self, event: bytes) -> object:
-        """A Responses API event: passed on whole (its `event:` line matters to clients)."""
-        data = data_of(event)
-        if data is None:
-            return None
-        if len(data) < 2 or data[0] != _BRACE or data[-1] != _CLOSE:
-            raise _Garbage("The engine sent an event that is not JSON.")
-        exchange = self._exchange
-        if b'"response.output_text.delta"' in data:
-            exchange.chunks += 1
-            exchange.mark_first_token()
-        elif any(end in data for end in _RESPONSE_ENDS):
-            response = _json(data).get("response")
-            if not isinstance(response, dict):
-                raise _Garbage("The engine ended the response with no response object.")
-            self._done = True
-            exchange.record_usage(response.get("usage"))
-            if response.get("status") == "failed":
-                exchange.status = UpstreamError.status_code
-        elif b'"error"' in data and _is_error(_json(data)):
-            self._done = True  # an error event ends a Responses stream
-            exchange.status = UpstreamError.status_code
-            return sse_error_event(engine_stream_error(data))
-        return PASS
-
     async def _synthesize_usage(self) -> bytes | None:
         """The usage an engine did not report in its stream: the prompt counted with the
         engine's tokenizer, a token per chunk (what vLLM and llama.cpp stream)."""
         exchange = self._exchange
         prompt = exchange.prompt_tokens
         if prompt is None:
-            prompt = await self._counter.count_prompt(exchange.endpoint, self._body)
+            prompt = await self._counter.count_prompt(exchange.engine_endpoint, self._body)
         if prompt is None:
             return None
         completion = exchange.chunks
@@ -349,10 +345,6 @@ def _json(data: bytes) -> dict[str, Any]:
     return value
 
 
-def _is_error(event: dict[str, Any]) -> bool:
-    return "error" in event or event.get("type") == "error"
-
-
 def engine_stream_error(data: bytes) -> APIError:
     """The engine's own error event, with its message cleaned of paths and tracebacks:
     `{"error": {"message": ...}}` (chat streams) or a Responses API `{"type": "error",
@@ -367,8 +359,6 @@ def engine_stream_error(data: bytes) -> APIError:
     message = error.get("message") if isinstance(error, dict) else error
     return UpstreamError(f"The engine failed: {clean_message(str(message or 'no message'))}")
 
-
-_RESPONSE_ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),

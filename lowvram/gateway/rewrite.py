@@ -303,7 +303,7 @@ async def fit_context(
     if prompt_tokens is None:
         return None
     if prompt_tokens >= context:
-        param = {Endpoint.CHAT: "messages", Endpoint.RESPONSES: "input"}.get(endpoint, "prompt")
+        param = "messages" if endpoint is Endpoint.CHAT else "prompt"
         raise BadRequest(
             f"This model's maximum context length is {context} tokens. However, your"
             f" messages resulted in {prompt_tokens} tokens. Please reduce the length of the"

@@ -39,6 +39,8 @@ from lowvram.gateway.protocol import (
 from lowvram.gateway.reasoning import MARK as REASONING
 from lowvram.gateway.reasoning import mirror_reasoning
 from lowvram.gateway.relay import RelayResponse, StreamRelay
+from lowvram.gateway.responses import new_id, to_chat, to_response
+from lowvram.gateway.responses_stream import ResponseStream
 from lowvram.gateway.rewrite import (
     apply_shims,
     ask_for_usage,
@@ -167,17 +169,18 @@ class Gateway:
                 body.get("model"), served, self.settings.model_aliases, key
             )
             check_engine_can(endpoint, body, served)
-            if endpoint is Endpoint.CHAT:
+            asked = body
+            if endpoint is Endpoint.RESPONSES:
+                body = to_chat(asked)  # served by the engine's chat completions
+                exchange.engine_endpoint = Endpoint.CHAT
+            if exchange.engine_endpoint is Endpoint.CHAT:
                 check_tool_history(body)
-            apply_shims(endpoint, body, served)
-            # Responses streams carry their usage in `response.completed` whatever is asked.
-            wants_usage = (
-                ask_for_usage(body) if stream and endpoint is not Endpoint.RESPONSES else False
-            )
+            apply_shims(exchange.engine_endpoint, body, served)
+            wants_usage = ask_for_usage(body) if stream else False
             lease = self.limiter.acquire(key)
             exchange.resources.callback(lambda: lease.release(exchange.total_tokens))
             if not stream:
-                return await unless_disconnected(request, self._call(exchange, served, body))
+                return await unless_disconnected(request, self._call(exchange, served, body, asked))
             upstream, counter = await unless_disconnected(
                 request, self._open(exchange, served, body)
             )
@@ -191,6 +194,7 @@ class Gateway:
                 client_wants_usage=wants_usage,
                 idle_timeout=self.settings.read_timeout,
                 max_event_bytes=int(self.settings.max_event_bytes),
+                translate=ResponseStream(asked) if endpoint is Endpoint.RESPONSES else None,
             )
             return RelayResponse(relay, exchange, ping_seconds=self.settings.keepalive_seconds)
 
@@ -201,7 +205,7 @@ class Gateway:
         at the engine's headers, with the counter of the replica that answers."""
         await self.admission.acquire()
         exchange.resources.callback(self.admission.release)
-        endpoint = exchange.endpoint
+        endpoint = exchange.engine_endpoint
         call = EngineCall(
             endpoint.path,
             body,
@@ -232,9 +236,10 @@ class Gateway:
         return self.engine.pooled
 
     async def _call(
-        self, exchange: Exchange, served: ServedModel, body: dict[str, Any]
+        self, exchange: Exchange, served: ServedModel, body: dict[str, Any], asked: dict[str, Any]
     ) -> Response:
-        """A request answered with one JSON document."""
+        """A request answered with one JSON document (`asked`: the client's own request, of
+        which `body` is what the engine is sent)."""
         upstream, _ = await self._open(exchange, served, body)
         if upstream.status_code != 200:
             return await self._engine_refused(upstream, exchange, body)
@@ -247,8 +252,10 @@ class Gateway:
             raise UpstreamError("The engine answered with something that is not a JSON object.")
         exchange.record_usage(answer.get("usage"))
         changed = REASONING in raw and mirror_reasoning(answer)
-        if exchange.endpoint is Endpoint.CHAT and b'"length"' in raw:
+        if exchange.engine_endpoint is Endpoint.CHAT and b'"length"' in raw:
             changed = drop_cut_tool_calls(answer) or changed
+        if exchange.endpoint is Endpoint.RESPONSES:
+            answer, changed = to_response(answer, asked, new_id()), True
         if changed:
             raw = json.dumps(answer, ensure_ascii=False).encode()
         await exchange.settle(200)
@@ -265,12 +272,10 @@ class Gateway:
 
 def affinity(endpoint: Endpoint, body: dict[str, Any]) -> str | None:
     """What identifies a conversation: its first messages (system prompt, first turn), whose
-    prefix a replica's cache holds once it has served them."""
+    prefix a replica's cache holds once it has served them (a Responses request is sent as
+    chat)."""
     if endpoint is Endpoint.CHAT:
         head: object = body.get("messages", [])[:2]
-    elif endpoint is Endpoint.RESPONSES:
-        items = body.get("input")
-        head = [body.get("instructions"), items[:2] if isinstance(items, list) else items]
     elif endpoint is Endpoint.COMPLETIONS:
         prompt = body.get("prompt")
         head = prompt[:512] if isinstance(prompt, str) else None

@@ -8,7 +8,7 @@ gateway ask the engine for the exact count, rendered with the engine's own chat 
 
     vLLM                 POST /tokenize {"messages": ...} or {"prompt": ...}  -> {"count"}
     llama.cpp's server   POST /v1/chat/completions/input_tokens (a chat request),
-                         POST /v1/responses/input_tokens, POST /tokenize {"content"}
+                         POST /tokenize {"content"}
 """
 
 from __future__ import annotations
@@ -39,10 +39,7 @@ def upper_bound(endpoint: Endpoint, body: dict[str, Any]) -> int:
     """No prompt of this request can be longer, in tokens, than this."""
     if endpoint is Endpoint.COMPLETIONS:
         return completion_upper_bound(body["prompt"])
-    if endpoint is Endpoint.RESPONSES:
-        framed = [body.get("input"), body.get("instructions")]
-    else:
-        framed = body["messages"]
+    framed = body["messages"]  # the Responses API is sent as chat (responses.py)
     bound = _json_bytes(framed) + TEMPLATE_SLACK
     if body.get("tools"):
         bound += _json_bytes(body["tools"]) + TOOLS_SLACK
@@ -89,8 +86,7 @@ class TokenCounter:
             request |= {"model": model.id, "add_generation_prompt": True}
             return _int(await self._post("/tokenize", request), "count")
         counted = {k: body[k] for k in _COUNTED if k in body} | {"model": model.id}
-        path = "/v1/responses/input_tokens" if endpoint is Endpoint.RESPONSES else _CHAT_COUNT
-        return _int(await self._post(path, counted), "input_tokens")
+        return _int(await self._post(_CHAT_COUNT, counted), "input_tokens")
 
     async def count_text(self, text: str) -> int | None:
         model = self._engine.model
@@ -118,7 +114,7 @@ class TokenCounter:
 
 
 _CHAT_COUNT = "/v1/chat/completions/input_tokens"
-_COUNTED = ("messages", "tools", "tool_choice", "input", "instructions", "chat_template_kwargs")
+_COUNTED = ("messages", "tools", "tool_choice", "chat_template_kwargs")
 
 
 def _int(data: dict[str, Any] | None, key: str) -> int | None:

@@ -16,10 +16,8 @@ fields through untouched):
               "garbage_after": 2,    # stream: a data event that is not JSON after 2 chunks
               "endless": 1000000,    # stream: this many bytes with no event boundary
               "die": true,           # exit the process at once (run as a process only)
-              "think": "reasoning",  # chat: 3 thinking tokens first, under this field
+              "think": "reasoning"}} # chat: 3 thinking tokens first, under this field
                                      # (vLLM's "reasoning", llama.cpp's "reasoning_content")
-              "error_event": true,   # Responses stream: a {"type": "error"} event
-              "bad_completed": true}}  # Responses stream: response.completed, no object
 
 `name`, when set, is the `system_fingerprint` of its JSON answers: which of several
 doubles (replicas behind one gateway) answered. `always` is merged into every request's
@@ -93,7 +91,6 @@ class FakeUpstream:
                 Route("/v1/models", self.models),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completions, methods=["POST"]),
-                Route("/v1/responses", self.responses, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
                 Route("/v1/chat/completions/input_tokens", self.input_tokens, methods=["POST"]),
@@ -171,61 +168,6 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": 2, "total_tokens": 2},
             }
         )
-
-    async def responses(self, request: Request) -> Response:
-        """The Responses API: "w0 w1 ..." as output text, usage as input/output tokens."""
-        if not self._authorized(request):
-            return JSONResponse({"error": {"message": "bad key", "type": "auth"}}, status_code=401)
-        body = await request.json()
-        record = Record(request.url.path, body, dict(request.headers))
-        self.records.append(record)
-        script = body.get("fake") or {}
-        n_tokens = min(int(script.get("tokens", 5)), int(body.get("max_output_tokens") or 10**9))
-        words = [f"w{i}" if i == 0 else f" w{i}" for i in range(n_tokens)]
-        prompt = body["input"] if isinstance(body["input"], str) else json.dumps(body["input"])
-        usage = {"input_tokens": len(prompt.split()), "output_tokens": n_tokens}
-        usage["total_tokens"] = usage["input_tokens"] + n_tokens
-        response = {
-            "id": "resp_fake",
-            "object": "response",
-            "created_at": int(time.time()),
-            "model": MODEL,
-            "status": "completed",
-            "output": [
-                {
-                    "type": "message",
-                    "id": "msg_fake",
-                    "role": "assistant",
-                    "status": "completed",
-                    "content": [{"type": "output_text", "text": "".join(words), "annotations": []}],
-                }
-            ],
-            "usage": usage,
-        }
-        if not body.get("stream"):
-            record.finished = True
-            return JSONResponse(response)
-
-        async def events() -> Any:
-            created = response | {"status": "in_progress", "output": [], "usage": None}
-            yield _event("response.created", {"response": created})
-            if script.get("error_event"):  # how vLLM reports a failure mid-response
-                yield _event("error", {"code": "x", "message": "scripted response failure"})
-                return
-            if script.get("bad_completed"):
-                yield _event("response.completed", {"response": "not an object"})
-                return
-            for number, word in enumerate(words):
-                if number == script.get("drop_after"):
-                    raise ConnectionAbortedError("scripted crash")
-                delta = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
-                yield _event("response.output_text.delta", delta | {"delta": word})
-                record.chunks_sent += 1
-                await asyncio.sleep(float(script.get("delay", 0)))
-            yield _event("response.completed", {"response": response})
-            record.finished = True
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
@@ -415,11 +357,6 @@ class FakeUpstream:
         if include_usage:
             yield f"data: {json.dumps(head | {'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
-
-
-def _event(kind: str, data: dict[str, Any]) -> bytes:
-    """A typed Responses API event, as OpenAI and llama.cpp's server write them."""
-    return f"event: {kind}\ndata: {json.dumps({'type': kind} | data)}\n\n".encode()
 
 
 _SAMPLE = {"string": "Paris", "integer": 42, "number": 1.5, "boolean": True}

@@ -152,7 +152,8 @@ def test_sdk_responses_plain_and_streaming_are_accounted(
     )
     assert response.output_text == "w0 w1 w2"
     assert response.usage is not None and response.usage.output_tokens == 3
-    assert fake[0].last("/v1/responses").body["max_output_tokens"] == 1024  # the default
+    sent = fake[0].last("/v1/chat/completions").body  # served by the engine's chat completions
+    assert sent["max_tokens"] == 1024 and sent["messages"][-1]["content"] == "hello there"
     events = list(
         client.responses.create(
             model="default", input="hello there", stream=True, extra_body={"fake": {"tokens": 4}}
@@ -162,8 +163,8 @@ def test_sdk_responses_plain_and_streaming_are_accounted(
     assert text == "w0 w1 w2 w3" and events[-1].type == "response.completed"
     rows = wait_for_usage(tmp_path / "gateway.sqlite3", 2)
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
-        ("responses", 2, 3, 200),
-        ("responses", 2, 4, 200),
+        ("responses", 5, 3, 200),  # the fake counts 3 tokens a message, and the words
+        ("responses", 5, 4, 200),
     ]
 
 

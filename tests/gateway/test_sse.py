@@ -19,6 +19,7 @@ from lowvram.gateway.exchange import Endpoint, Exchange
 from lowvram.gateway.keystore import KeyRecord
 from lowvram.gateway.metrics import Metrics
 from lowvram.gateway.relay import StreamRelay
+from lowvram.gateway.responses_stream import ResponseStream
 from lowvram.gateway.sse import EventBuffer, data_of
 from lowvram.gateway.tokens import TokenCounter
 
@@ -92,6 +93,7 @@ async def relay(
         metrics=Metrics(),
         usage_log=None,
     )
+    exchange.engine_endpoint = Endpoint.CHAT if endpoint is Endpoint.RESPONSES else endpoint
 
     def engine_answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/chat/completions/input_tokens":
@@ -110,6 +112,9 @@ async def relay(
             client_wants_usage=wants_usage,
             idle_timeout=idle_timeout,
             max_event_bytes=max_event_bytes,
+            translate=ResponseStream({"model": "m", "input": "x"}, "resp_1")
+            if endpoint is Endpoint.RESPONSES
+            else None,
         )
         pieces = [piece async for piece in stream.batches()]
         if batches is not None:
@@ -189,26 +194,70 @@ async def test_usage_is_counted_for_engines_that_do_not_report_it() -> None:
     assert events[:2] == reads[:2] and events[-1] == DONE
 
 
-RESPONSE_EVENTS = [
-    b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n',
-    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-    b'"delta":"Pa"}\n\n',
-    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-    b'"delta":"ris"}\n\n',
-    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r",'
-    b'"status":"completed","usage":{"input_tokens":9,"output_tokens":2,"total_tokens":11}}}\n\n',
-]
+def typed(events: list[bytes]) -> list[dict[str, Any]]:
+    """Responses API events: their `event:` line must name their data's type."""
+    parsed = []
+    for event in events:
+        head, data = event.split(b"\n", 1)
+        body = json.loads(data.removeprefix(b"data: "))
+        assert head == b"event: " + body["type"].encode()
+        parsed.append(body)
+    return parsed
 
 
-async def test_responses_events_pass_whole_and_end_without_done() -> None:
-    events, exchange = await relay(RESPONSE_EVENTS, endpoint=Endpoint.RESPONSES)
-    assert events == RESPONSE_EVENTS  # event lines kept, no [DONE] added
-    assert (exchange.prompt_tokens, exchange.completion_tokens, exchange.chunks) == (9, 2, 2)
+async def test_a_chat_stream_becomes_a_responses_stream() -> None:
+    reads = [
+        chunk("Pa"),
+        chunk("ris", choices=[{"index": 0, "delta": {"content": "ris"}, "finish_reason": "stop"}]),
+        chunk("", usage=USAGE, choices=[]),
+        DONE,
+    ]
+    events, exchange = await relay(reads, endpoint=Endpoint.RESPONSES)
+    kinds = [e["type"] for e in typed(events)]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    done = typed(events)[-1]["response"]
+    assert done["output"][0]["content"][0]["text"] == "Paris" and done["status"] == "completed"
+    assert done["usage"]["input_tokens"] == 5 and done["usage"]["output_tokens"] == 2
+    assert [e["sequence_number"] for e in typed(events)] == list(range(1, 11))
+    assert (exchange.prompt_tokens, exchange.completion_tokens) == (5, 2)
+
+
+async def test_streamed_tool_calls_become_function_call_items_and_a_cut_is_incomplete() -> None:
+    def call(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": finish}
+        return chunk("", choices=[choice])
+
+    reads = [
+        call({"index": 0, "id": "call_1", "function": {"name": "get_weather", "arguments": ""}}),
+        call({"index": 0, "function": {"arguments": '{"city": '}}),
+        call({"index": 0, "function": {"arguments": '"Par'}}, finish="length"),
+        DONE,
+    ]
+    events, _ = await relay(reads, endpoint=Endpoint.RESPONSES)
+    parsed = typed(events)
+    deltas = [e["delta"] for e in parsed if e["type"] == "response.function_call_arguments.delta"]
+    assert deltas == ['{"city": ', '"Par']
+    item = parsed[-1]["response"]["output"][0]
+    assert item["type"] == "function_call" and item["call_id"] == "call_1"
+    assert item["name"] == "get_weather" and item["arguments"] == '{"city": "Par'
+    assert parsed[-1]["type"] == "response.incomplete"
+    assert parsed[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
 async def test_a_responses_stream_cut_short_ends_with_an_error_event() -> None:
-    events, exchange = await relay(RESPONSE_EVENTS[:2], endpoint=Endpoint.RESPONSES)
-    assert events[:2] == RESPONSE_EVENTS[:2] and DONE not in events
+    events, exchange = await relay([chunk("Pa")], endpoint=Endpoint.RESPONSES)
+    assert DONE not in events
     assert json.loads(events[-1][6:])["error"]["code"] == "upstream_error"
     assert exchange.status == 502
 
