@@ -157,7 +157,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = build_engine(gateway, engine_settings)
 
     def banner() -> None:
-        print(_banner(gateway, engine, has_keys or bool(gateway.api_keys)), flush=True)
+        keys = has_keys or bool(gateway.api_keys) or gateway.allow_no_key
+        print(_banner(gateway, engine, keys), flush=True)
 
     _QuietServer = _quiet_server_class()
     # On SIGTERM in-flight streams may finish for drain_seconds; then uvicorn cancels them,

@@ -26,6 +26,21 @@ class EngineState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class ModelDetails:
+    """What a model is, as Ollama's /api/tags and /api/show say it (managed engines know)."""
+
+    format: str
+    """gguf (llama.cpp) or safetensors (vLLM)."""
+    family: str
+    """The architecture: qwen2, llama, ..."""
+    size_bytes: int | None = None
+    parameter_size: str | None = None
+    """As the model's card says it: 0.5B, 7.6B."""
+    quantization: str | None = None
+    """Q4_K_M, awq, bitsandbytes, bf16."""
+
+
+@dataclass(frozen=True)
 class ServedModel:
     """What the gateway needs to know about the served model and the engine serving it.
 
@@ -54,6 +69,8 @@ class ServedModel:
     named_tool_choice: bool = True
     """Whether `tool_choice: {"type": "function", ...}` is honoured (else the gateway
     narrows `tools` to the named one and asks for `required`, which means the same)."""
+    details: ModelDetails | None = None
+    """Format, family, size: for Ollama's model listing; None where unknown."""
     tool_call_opener: str | None = None
     """What the model writes to open a tool call (`<tool_call>\n` in Qwen's and Hermes'
     templates), where the engine lets a model write text before a required call (llama.cpp

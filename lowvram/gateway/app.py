@@ -29,7 +29,7 @@ from lowvram.gateway.middleware import (
     RequestContextMiddleware,
     ShutdownMiddleware,
 )
-from lowvram.gateway.routes import openai, ops
+from lowvram.gateway.routes import ollama, openai, ops
 from lowvram.gateway.serving import Gateway
 from lowvram.gateway.settings import GatewaySettings
 from lowvram.gateway.upstream import create_client
@@ -54,7 +54,13 @@ def create_app(
             [k.get_secret_value() for k in settings.api_keys],
             [k.get_secret_value() for k in settings.admin_api_keys],
             store,
+            allow_anonymous=settings.allow_no_key,
         )
+        if settings.allow_no_key:
+            logger.warning(
+                "GATEWAY_ALLOW_NO_KEY: requests without a key are served, as 'anonymous' (on %s)",
+                settings.host,
+            )
         pool = as_replicas(engine)
         app.state.gateway = Gateway(settings, pool, client, Metrics(), usage_log)
         if on_ready is not None:
@@ -84,6 +90,7 @@ def create_app(
         openapi_url=None,
     )
     app.include_router(openai.router)
+    app.include_router(ollama.router)
     app.include_router(ops.router)
     register_error_handlers(app)
     # Added last runs first: CORS (a browser's preflight carries no key), the request's id

@@ -21,19 +21,37 @@ def presented_key(headers: Headers) -> str | None:
     return headers.get("api-key") or None
 
 
+ANONYMOUS = KeyRecord(name="anonymous")
+"""Who a request without a known key is, where GATEWAY_ALLOW_NO_KEY lets it through."""
+
+
 class Authenticator:
     """Checks keys from settings (hashed at start-up) and from SQLite (looked up per call)."""
 
     def __init__(
-        self, client_keys: list[str], admin_keys: list[str], store: KeyStore | None
+        self,
+        client_keys: list[str],
+        admin_keys: list[str],
+        store: KeyStore | None,
+        *,
+        allow_anonymous: bool = False,
     ) -> None:
         self._client = [
             (hash_key(key), KeyRecord(name=f"env-{i}")) for i, key in enumerate(client_keys)
         ]
         self._admin = [hash_key(key) for key in admin_keys]
         self._store = store
+        self._anonymous = allow_anonymous
 
     def client(self, headers: Headers) -> KeyRecord:
+        if self._anonymous:
+            try:
+                return self._known(headers)
+            except AuthenticationError:
+                return ANONYMOUS  # local tools send none, or a placeholder ("ollama")
+        return self._known(headers)
+
+    def _known(self, headers: Headers) -> KeyRecord:
         digest = self._digest(headers)
         for known, record in self._client:
             if secrets.compare_digest(known, digest):

@@ -16,13 +16,15 @@
         └── UpstreamTimeout       504
 
 Clients (the OpenAI SDK, LangChain) pick their exception class from the status code and
-show `error.message`, so both must be right; `param` names the offending field.
+show `error.message`, so both must be right; `param` names the offending field. On
+Ollama's routes (`/api/...`) the same errors take Ollama's shape, `{"error": message}`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -152,37 +154,46 @@ def _status_error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
-async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+def _render(
+    request: Request, body: dict[str, Any], status: int, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """OpenAI's error object, or Ollama's on its routes."""
+    if request.url.path.startswith("/api/"):
+        body = {"error": body["error"]["message"]}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+    return _render(request, exc.body(), exc.status_code, exc.headers())
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0]
     param = param_from_loc(tuple(first.get("loc", ())))
     body = error_body(
         f"Invalid value for '{param}': {first['msg']}", "invalid_request_error", param
     )
-    return JSONResponse(body, status_code=400)
+    return _render(request, body, 400)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     body = error_body(str(exc.detail), _status_error_type(exc.status_code), None, code)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return _render(request, body, exc.status_code, exc.headers)
 
 
-async def _client_gone(_: Request, exc: Exception) -> JSONResponse:
+async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
     """The client hung up while its body was read: no one gets this answer."""
-    return JSONResponse(ClientClosed("The client closed the request.").body(), status_code=499)
+    return _render(request, ClientClosed("The client closed the request.").body(), 499)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     body = error_body("The gateway failed to handle this request.", "server_error", None, None)
-    return JSONResponse(body, status_code=500)
+    return _render(request, body, 500)
 
 
 def register_error_handlers(app: FastAPI) -> None:

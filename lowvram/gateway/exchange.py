@@ -43,16 +43,18 @@ class Endpoint(enum.StrEnum):
     RESPONSES = "responses"
     EMBEDDINGS = "embeddings"
     TOKENIZE = "tokenize"
+    OLLAMA_CHAT = "ollama_chat"
+    OLLAMA_GENERATE = "ollama_generate"
 
     @property
     def path(self) -> str:
-        """The engine's path for it (the same as the client's)."""
+        """Its path: the client's, and the engine's where it is sent as it is."""
         return _PATHS[self]
 
     @property
     def generates(self) -> bool:
         """Whether it generates tokens: context fitting, streaming, usage accounting."""
-        return self in (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES)
+        return self not in (Endpoint.EMBEDDINGS, Endpoint.TOKENIZE)
 
     @property
     def max_tokens_field(self) -> str:
@@ -66,6 +68,8 @@ _PATHS = {
     Endpoint.RESPONSES: "/v1/responses",
     Endpoint.EMBEDDINGS: "/v1/embeddings",
     Endpoint.TOKENIZE: "/tokenize",
+    Endpoint.OLLAMA_CHAT: "/api/chat",
+    Endpoint.OLLAMA_GENERATE: "/api/generate",
 }
 
 

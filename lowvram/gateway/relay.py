@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import anyio
 import httpx
@@ -35,10 +35,9 @@ from lowvram.gateway.errors import (
     UpstreamTimeout,
     sse_error_event,
 )
-from lowvram.gateway.exchange import CLIENT_CLOSED, Endpoint, Exchange
+from lowvram.gateway.exchange import CLIENT_CLOSED, Exchange
 from lowvram.gateway.reasoning import MARK as REASONING
 from lowvram.gateway.reasoning import mirror_reasoning
-from lowvram.gateway.responses_stream import ResponseStream
 from lowvram.gateway.sse import DONE, DONE_EVENT, EventBuffer, data_of
 from lowvram.gateway.tokens import TokenCounter
 from lowvram.gateway.upstream import clean_message, map_transport_error, replica_lost
@@ -76,6 +75,23 @@ class IdleTimer:
             self._handle = self._loop.call_later(self._timeout - idle, self._check)
 
 
+class Translation(Protocol):
+    """Turns the engine's chat (or completions) chunks into another API's stream: the
+    Responses API's events (responses_stream.py), Ollama's NDJSON lines (ollama.py)."""
+
+    media_type: str
+    pings: bool
+    """Whether SSE comment lines may keep the client's connection alive."""
+
+    def start(self) -> bytes: ...
+
+    def feed(self, chunk: dict[str, Any]) -> bytes: ...
+
+    def finish(self, usage: Any) -> bytes: ...
+
+    def error(self, error: APIError) -> bytes: ...
+
+
 class _Garbage(Exception):
     """The engine sent something that is not what its protocol allows."""
 
@@ -105,7 +121,7 @@ class StreamRelay:
         client_wants_usage: bool,
         idle_timeout: float,
         max_event_bytes: int,
-        translate: ResponseStream | None = None,
+        translate: Translation | None = None,
     ) -> None:
         self._upstream = upstream
         self._exchange = exchange
@@ -152,9 +168,9 @@ class StreamRelay:
                         yield out
             ending = await self._ending()
         except httpx.HTTPError as exc:
-            ending = self._end(self._cut_error() or map_transport_error(exc))
+            ending = self.end_with(self._cut_error() or map_transport_error(exc))
         except _Garbage as exc:
-            ending = exc.before + self._end(UpstreamError(str(exc)))
+            ending = exc.before + self.end_with(UpstreamError(str(exc)))
         finally:
             timer.cancel()
             await self.close()
@@ -217,7 +233,7 @@ class StreamRelay:
         """The stream's last bytes once the engine is done: usage we counted, `[DONE]`."""
         if not self._done:
             error = UpstreamError("The engine ended the stream unfinished.")
-            return self._end(self._cut_error() or error)
+            return self.end_with(self._cut_error() or error)
         if self._translate is not None:
             if self._failed:
                 return b""  # the error event ended the response
@@ -233,10 +249,21 @@ class StreamRelay:
             return DONE
         return (await self._synthesize_usage() or b"") + DONE
 
-    def _end(self, error: APIError) -> bytes:
+    @property
+    def media_type(self) -> bytes:
+        kind = self._translate.media_type if self._translate else "text/event-stream"
+        return kind.encode() + b"; charset=utf-8"
+
+    @property
+    def pings(self) -> bool:
+        return self._translate.pings if self._translate else True
+
+    def end_with(self, error: APIError) -> bytes:
         """Settle the stream with `error`: its event (and `[DONE]` where the dialect has it)."""
         self._exchange.status = error.status_code
-        return sse_error_event(error) + (b"" if self._responses else DONE)
+        if self._translate is not None:
+            return self._translate.error(error)
+        return sse_error_event(error) + DONE
 
     def _cut_error(self) -> APIError | None:
         """Why the gateway cut the engine's stream, if it did."""
@@ -285,7 +312,8 @@ class StreamRelay:
         if event.startswith(b'data: {"error"'):
             self._exchange.status = UpstreamError.status_code
             self._failed = True
-            return sse_error_event(engine_stream_error(event[6:]))
+            error = engine_stream_error(event[6:])
+            return self._translate.error(error) if self._translate else sse_error_event(error)
         if self._last_chunk is None:
             self._last_chunk = _json(event[6:])  # its id and model, for a usage chunk of ours
         if self._translate is not None:
@@ -361,7 +389,6 @@ def engine_stream_error(data: bytes) -> APIError:
 
 
 _HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),  # no buffering proxy in front may hold the stream back
 ]
@@ -384,7 +411,7 @@ class RelayResponse(Response):
         super().__init__(status_code=200)  # what handlers return; __call__ sends our headers
         self._relay = relay
         self._exchange = exchange
-        self._ping_seconds = ping_seconds
+        self._ping_seconds = ping_seconds if relay.pings else 0.0
         self._last_sent = 0.0
         self._gone_early = False
 
@@ -393,7 +420,8 @@ class RelayResponse(Response):
         watcher: asyncio.Task[None] | None = None
         batches = self._relay.batches()
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            headers = [(b"content-type", self._relay.media_type), *_HEADERS]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             self._last_sent = loop.time()
             watcher = loop.create_task(self._watch(receive, send))
             async for batch in batches:
@@ -418,9 +446,7 @@ class RelayResponse(Response):
     async def _shutting_down(self, send: Send) -> None:
         """The server stops and will not wait longer: end the stream properly."""
         error = GatewayShuttingDown("The gateway is shutting down; the stream was cut.")
-        self._exchange.status = error.status_code
-        responses = self._exchange.endpoint is Endpoint.RESPONSES
-        body = sse_error_event(error) + (b"" if responses else DONE)
+        body = self._relay.end_with(error)
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _watch(self, receive: Receive, send: Send) -> None:

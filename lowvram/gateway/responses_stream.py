@@ -18,6 +18,7 @@ import json
 import time
 from typing import Any
 
+from lowvram.gateway.errors import APIError, sse_error_event
 from lowvram.gateway.responses import (
     base_response,
     call_item,
@@ -30,6 +31,9 @@ from lowvram.gateway.responses import (
 
 
 class ResponseStream:
+    media_type = "text/event-stream"
+    pings = True
+
     def __init__(self, request: dict[str, Any], response_id: str | None = None) -> None:
         self.id = response_id or new_id()
         self._request = request
@@ -75,6 +79,10 @@ class ResponseStream:
         finished(response, self._finish)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         return out + self._event(kind, response=response)
+
+    def error(self, error: APIError) -> bytes:
+        """An error ends the stream as an event the OpenAI SDK raises (`{"error": ...}`)."""
+        return sse_error_event(error)
 
     # --- items ----------------------------------------------------------------------------
 

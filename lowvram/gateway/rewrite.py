@@ -86,16 +86,25 @@ def _is_union_tag(part: int | str) -> bool:
 
 
 def resolve_model(
-    requested: object, served: ServedModel, aliases: dict[str, str], key: KeyRecord
+    requested: object,
+    served: ServedModel,
+    aliases: dict[str, str],
+    key: KeyRecord,
+    *,
+    ollama_names: bool = False,
 ) -> str:
     """The engine's model id for what the client named; 404 for anything else.
 
     No model, or "default", means the served model: examples and clients that must name
-    one work whatever the engine serves.
+    one work whatever the engine serves. With `ollama_names` (Ollama's routes), a
+    name:tag names it too where the served name holds both (qwen2.5:0.5b for
+    qwen2.5-coder-0.5b-instruct; name:latest for name).
     """
     if requested is not None and not isinstance(requested, str):
         raise BadRequest("Invalid value for 'model': expected a string.", param="model")
     target = served.id if requested in (None, "", "default") else aliases.get(requested, requested)
+    if ollama_names and target != served.id and _ollama_name_of(target, served.id):
+        target = served.id
     allowed = key_may_use(key, requested, served.id)
     if target != served.id or not allowed:
         raise ModelNotFound(
@@ -103,6 +112,14 @@ def resolve_model(
             param="model",
         )
     return served.id
+
+
+def _ollama_name_of(name: str, served: str) -> bool:
+    base, _, tag = name.partition(":")
+    served = served.lower()
+    return (
+        bool(base) and base.lower() in served and (tag in ("", "latest") or tag.lower() in served)
+    )
 
 
 def key_may_use(key: KeyRecord, name: str | None, served_id: str) -> bool:

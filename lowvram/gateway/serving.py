@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from lowvram.engine.handle import EngineState, ServedModel
 from lowvram.engine.replicas import Lease, Replicas, Unreached
 from lowvram.gateway.admission import Admission
+from lowvram.gateway.dialects import OLLAMA, Dialect, dialect_for
 from lowvram.gateway.errors import ClientClosed, EngineUnavailable, UpstreamError
 from lowvram.gateway.exchange import Endpoint, Exchange
 from lowvram.gateway.keystore import KeyRecord, UsageLog
@@ -39,8 +40,6 @@ from lowvram.gateway.protocol import (
 from lowvram.gateway.reasoning import MARK as REASONING
 from lowvram.gateway.reasoning import mirror_reasoning
 from lowvram.gateway.relay import RelayResponse, StreamRelay
-from lowvram.gateway.responses import new_id, to_chat, to_response
-from lowvram.gateway.responses_stream import ResponseStream
 from lowvram.gateway.rewrite import (
     apply_shims,
     ask_for_usage,
@@ -74,7 +73,7 @@ must not hold an admission slot for the generation read timeout."""
 # default --max-num-seqs, so that a vLLM upstream batches what it can and queues the rest.
 DEFAULT_MAX_INFLIGHT = 256
 
-_SCHEMAS: dict[Endpoint, type[BaseModel]] = {
+_SCHEMAS: dict[Endpoint, type[BaseModel]] = {  # what the gateway checks of each API
     Endpoint.CHAT: ChatCompletionRequest,
     Endpoint.COMPLETIONS: CompletionRequest,
     Endpoint.RESPONSES: ResponsesRequest,
@@ -148,39 +147,48 @@ class Gateway:
     async def handle(
         self, request: Request, key: KeyRecord, endpoint: Endpoint, body: dict[str, Any]
     ) -> Response:
-        """Every forwarded endpoint; chat and completions may stream."""
-        stream = endpoint.generates and body.get("stream") is True
+        """Every forwarded endpoint, in any API the gateway speaks (dialects.py)."""
         exchange = Exchange(
             request_id=request.state.request_id,
             key=key,
             endpoint=endpoint,
-            stream=stream,
+            stream=False,
             metrics=self.metrics,
             usage_log=self.usage_log,
         )
         async with exchange:
-            schema = _SCHEMAS.get(endpoint)
-            if schema is not None:
-                validate(schema, body)
+            if (schema := _SCHEMAS.get(endpoint)) is not None:
+                validate(schema, body)  # the client's own API's fields
             if endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS):
                 check_stream_options(body)
+            dialect = dialect_for(endpoint, body)
+            asked, body = body, dialect.body
+            engine = exchange.engine_endpoint = dialect.engine_endpoint
+            if endpoint in OLLAMA:
+                validate(_SCHEMAS[engine], body)
+            stream = exchange.stream = engine.generates and body.get("stream") is True
             served = self.served_model()
             exchange.model = body["model"] = resolve_model(
-                body.get("model"), served, self.settings.model_aliases, key
+                body.get("model"),
+                served,
+                self.settings.model_aliases,
+                key,
+                ollama_names=dialect.ollama_names,
             )
-            check_engine_can(endpoint, body, served)
-            asked = body
             if endpoint is Endpoint.RESPONSES:
-                body = to_chat(asked)  # served by the engine's chat completions
-                exchange.engine_endpoint = Endpoint.CHAT
-            if exchange.engine_endpoint is Endpoint.CHAT:
+                check_engine_can(endpoint, asked, served)  # naming the client's fields
+            else:
+                check_engine_can(engine, body, served)
+            if engine is Endpoint.CHAT:
                 check_tool_history(body)
-            apply_shims(exchange.engine_endpoint, body, served)
+            apply_shims(engine, body, served)
             wants_usage = ask_for_usage(body) if stream else False
             lease = self.limiter.acquire(key)
             exchange.resources.callback(lambda: lease.release(exchange.total_tokens))
             if not stream:
-                return await unless_disconnected(request, self._call(exchange, served, body, asked))
+                return await unless_disconnected(
+                    request, self._call(exchange, served, body, dialect)
+                )
             upstream, counter = await unless_disconnected(
                 request, self._open(exchange, served, body)
             )
@@ -194,7 +202,7 @@ class Gateway:
                 client_wants_usage=wants_usage,
                 idle_timeout=self.settings.read_timeout,
                 max_event_bytes=int(self.settings.max_event_bytes),
-                translate=ResponseStream(asked) if endpoint is Endpoint.RESPONSES else None,
+                translate=dialect.stream() if dialect.stream else None,
             )
             return RelayResponse(relay, exchange, ping_seconds=self.settings.keepalive_seconds)
 
@@ -236,10 +244,9 @@ class Gateway:
         return self.engine.pooled
 
     async def _call(
-        self, exchange: Exchange, served: ServedModel, body: dict[str, Any], asked: dict[str, Any]
+        self, exchange: Exchange, served: ServedModel, body: dict[str, Any], dialect: Dialect
     ) -> Response:
-        """A request answered with one JSON document (`asked`: the client's own request, of
-        which `body` is what the engine is sent)."""
+        """A request answered with one JSON document, in the client's API."""
         upstream, _ = await self._open(exchange, served, body)
         if upstream.status_code != 200:
             return await self._engine_refused(upstream, exchange, body)
@@ -254,8 +261,8 @@ class Gateway:
         changed = REASONING in raw and mirror_reasoning(answer)
         if exchange.engine_endpoint is Endpoint.CHAT and b'"length"' in raw:
             changed = drop_cut_tool_calls(answer) or changed
-        if exchange.endpoint is Endpoint.RESPONSES:
-            answer, changed = to_response(answer, asked, new_id()), True
+        if dialect.answer is not None:
+            answer, changed = dialect.answer(answer), True
         if changed:
             raw = json.dumps(answer, ensure_ascii=False).encode()
         await exchange.settle(200)

@@ -7,13 +7,14 @@ Precedence: keyword arguments (the CLI's flags) > environment > `.env` > default
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lowvram.paths import data_dir
@@ -23,6 +24,15 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 
 # A DNS name, an IPv4 address, or an IPv6 one (urlsplit drops its brackets).
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _without_password(url: str) -> str:
@@ -58,6 +68,13 @@ class GatewaySettings(BaseSettings):
     """Keys for GET /metrics (Prometheus: authorization Bearer); they are not client keys."""
     db_path: Path = Field(default_factory=lambda: data_dir() / "gateway.sqlite3")
     """SQLite file holding managed keys and the per-request usage log."""
+    allow_no_key: bool = False
+    """Let requests without a key (or with one it does not know) through, as 'anonymous':
+    for a private machine and local tools that send none. Refused unless the gateway binds
+    a loopback address (see GATEWAY_ALLOW_NO_KEY_ON_NETWORK); /metrics keeps its admin key."""
+    allow_no_key_on_network: bool = False
+    """Allow GATEWAY_ALLOW_NO_KEY on an address other machines reach: anyone who reaches
+    the port can then use the model."""
     cors_origins: Annotated[list[str], NoDecode] = []
     """Browser origins that may call the API (CORS), comma-separated, e.g.
     http://localhost:3000; none by default. Their requests still need a key."""
@@ -175,6 +192,16 @@ class GatewaySettings(BaseSettings):
             return {alias.strip(): target.strip() for alias, target in pairs}
         except ValueError:
             raise ValueError("write aliases as alias=target,alias2=target2") from None
+
+    @model_validator(mode="after")
+    def _no_key_only_on_loopback(self) -> GatewaySettings:
+        if self.allow_no_key and not self.allow_no_key_on_network and not _loopback(self.host):
+            raise ValueError(
+                f"GATEWAY_ALLOW_NO_KEY lets anyone use the model, and GATEWAY_HOST={self.host} "
+                "is reachable from other machines: bind 127.0.0.1, or also set "
+                "GATEWAY_ALLOW_NO_KEY_ON_NETWORK=true"
+            )
+        return self
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod

@@ -1,5 +1,6 @@
 """Fuzzing every route (hypothesis, bounded): whatever a client sends, never a 5xx, and every
-error is OpenAI's error object. The engine is the fake upstream (a test double)."""
+error is OpenAI's error object (Ollama's `{"error": message}` on its /api routes). The
+engine is the fake upstream (a test double)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ ROUTES = [
     ("GET", "/metrics"),
     ("GET", "/health"),
     ("GET", "/ready"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+    ("POST", "/api/show"),
+    ("GET", "/api/tags"),
+    ("GET", "/api/ps"),
+    ("GET", "/api/version"),
 ]
 FIELDS = [
     "model",
@@ -47,6 +54,14 @@ FIELDS = [
     "seed",
     "logprobs",
     "instructions",
+    "options",  # Ollama's
+    "format",
+    "raw",
+    "suffix",
+    "system",
+    "images",
+    "think",
+    "name",
 ]
 
 # Any JSON: text with lone surrogates included (json.dumps writes them as \\uD800 escapes).
@@ -81,7 +96,10 @@ raw_bodies = st.one_of(bodies.map(lambda b: json.dumps(b).encode()), st.binary(m
 
 def assert_no_5xx_and_openai_errors(response: httpx.Response) -> None:
     assert response.status_code < 500, response.text
-    if response.status_code >= 400:
+    if response.status_code >= 400 and response.request.url.path.startswith("/api/"):
+        error = response.json()["error"]
+        assert isinstance(error, str) and error  # Ollama's shape
+    elif response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         assert isinstance(error["message"], str) and error["message"]

@@ -75,6 +75,7 @@ class LlamaCppBackend:
             named_tool_choice=False,
             seed_needs_fresh_prompt=True,
             tool_call_opener=self.plan.tool_call_opener,
+            details=self.plan.details,
         )
 
     def observe(self, line: str) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowvram.engine.errors import PlanError
+from lowvram.engine.handle import ModelDetails
 from lowvram.engine.hardware import HostFacts
 from lowvram.engine.llamacpp.fetch import ResolvedModel
 from lowvram.engine.settings import EngineSettings
@@ -25,6 +26,26 @@ DEFAULT_PARALLEL = 4
 MIN_CONTEXT = 512
 HOST_RESERVE = 1 * GiB
 """Left to the gateway, the OS and the compute buffers."""
+FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
+"""GGUF's general.file_type: llama.cpp's llama_ftype, as its names say them."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,8 @@ class LlamaCppPlan:
     reasons: tuple[str, ...]
     tool_call_opener: str | None = None
     """How the model's chat template opens a tool call, if it marks one."""
+    details: ModelDetails | None = None
+    """What the GGUF says it is (for Ollama's model listing)."""
 
     def to_argv(self) -> list[str]:
         """llama-server arguments (host, port and key are the supervisor's)."""
@@ -109,6 +132,13 @@ def plan_llamacpp(
         kv_bytes=parallel * context * per_token,
         reasons=tuple(reasons),
         tool_call_opener=opener,
+        details=ModelDetails(
+            format="gguf",
+            family=arch,
+            size_bytes=model.path.stat().st_size if model.path.exists() else None,
+            parameter_size=metadata.get("general.size_label"),
+            quantization=FILE_TYPES.get(int(metadata.get("general.file_type", -1))),
+        ),
     )
 
 

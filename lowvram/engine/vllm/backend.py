@@ -16,7 +16,7 @@ from pydantic import ByteSize
 
 from lowvram.engine.backend import Launch
 from lowvram.engine.errors import PlanError, SetupError
-from lowvram.engine.handle import ServedModel
+from lowvram.engine.handle import ModelDetails, ServedModel
 from lowvram.engine.hardware import Hardware, detect_gpus, devices_by_index, gpu_memory_used
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.units import GiB, gib
@@ -119,6 +119,13 @@ class VllmBackend:
             max_batch=self.plan.max_num_seqs,
             tokenizer="vllm",
             serves_embeddings=False,  # a generating model: vLLM runs it as such
+            details=ModelDetails(
+                format="safetensors",
+                family=self._model.architecture,
+                size_bytes=self._model.checkpoint_bytes,
+                parameter_size=f"{self._model.total_params / 1e9:.1f}B",
+                quantization=self.plan.quantization or self._model.dtype,
+            ),
         )
 
     def observe(self, line: str) -> None:
