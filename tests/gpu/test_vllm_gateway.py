@@ -282,8 +282,60 @@ def test_n_responses_models_and_refusals(client: openai.OpenAI) -> None:
             model="default", input="Say something.", max_output_tokens=8, stream=True
         )
     )
-    assert events[-1].type == "response.completed"
+    # Random weights rarely stop within 8 tokens: then the response is incomplete.
+    assert events[-1].type in ("response.completed", "response.incomplete")
     assert client.models.retrieve("default").id == "default"
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model="default", input="hello")
     assert refused.value.code == "model_not_supported"
+
+
+def test_responses_tools_structured_output_and_a_second_turn(client: openai.OpenAI) -> None:
+    """The Responses API through vLLM's chat completions: the shapes, on random weights."""
+    weather = {"type": "function", **WEATHER["function"]}
+    first = client.responses.create(
+        model="default",
+        input=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[weather],  # type: ignore[list-item]
+        tool_choice="required",
+        max_output_tokens=300,
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert first.status == "incomplete" or (calls and calls[0].name == "get_weather")
+    if calls:
+        second = client.responses.create(
+            model="default",
+            input=[
+                {"role": "user", "content": "Weather in Paris?"},
+                calls[0].model_dump(exclude_none=True),
+                {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
+            ],
+            max_output_tokens=8,
+        )
+        assert second.status in ("completed", "incomplete") and second.usage is not None
+    structured = client.responses.create(
+        model="default",
+        input="A city, as JSON.",
+        text={"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}},
+        max_output_tokens=200,
+    )
+    assert set(json.loads(structured.output_text)) == {"name", "capital"}
+
+
+def test_ollamas_api_through_vllm(served: tuple[str, Path]) -> None:
+    import ollama
+
+    client = ollama.Client(host=served[0], headers={"Authorization": f"Bearer {KEY}"})
+    reply = client.chat(model="default", messages=HELLO, stream=False, options={"num_predict": 8})
+    assert reply.done and reply.eval_count and reply.message.role == "assistant"
+    parts = list(
+        client.chat(model="default", messages=HELLO, stream=True, options={"num_predict": 8})
+    )
+    assert parts[-1].done and parts[-1].done_reason in ("stop", "length")
+    generated = client.generate(
+        model="default", prompt="Say something.", options={"num_predict": 8}
+    )
+    assert generated.done
+    listed = client.list().models
+    assert listed[0].details is not None and listed[0].details.format == "safetensors"
+    client.close()
