@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lowvram.engine.handle import ServedModel
+from lowvram.engine.startup import Phases
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Backend(Protocol):
     """Short name for logs: "vllm", "llamacpp"."""
     health_path: str
     """GET path that answers 200 once the engine serves (sent with the internal key)."""
+    phases: Phases
+    """The start's phases, by the lines that begin them (startup.py)."""
 
     def launch(self, port: int, api_key: str) -> Launch:
         """The command for one start on 127.0.0.1:`port`; the key travels in the environment."""

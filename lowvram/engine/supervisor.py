@@ -34,6 +34,7 @@ from lowvram.engine.backend import Backend, Launch
 from lowvram.engine.handle import EngineState, ServedModel, StateMixin
 from lowvram.engine.probe import auth_headers
 from lowvram.engine.settings import EngineSettings
+from lowvram.engine.startup import Timeline
 
 logger = logging.getLogger(__name__)
 engine_logger = logging.getLogger("lowvram.engine.output")
@@ -106,6 +107,8 @@ class Supervisor(StateMixin):
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._tail: deque[str] = deque(maxlen=200)
+        self.timeline = Timeline(())
+        """The last start's phases, from the engine's own lines (startup.py)."""
         self.attempts: list[str] = []
         """What each start tried, for the final message and for tests."""
         self.restarts = 0
@@ -177,7 +180,7 @@ class Supervisor(StateMixin):
                     )
                     return
                 report = self.backend.report()
-                self._log.info(report)
+                self._log.info(report, extra={"start": str(self.timeline)})
                 self._set_state(EngineState.READY, report)
                 code, uptime = await self._serve_until_exit()
                 if self._stopping.is_set() or not await self._after_crash(code, uptime):
@@ -202,7 +205,12 @@ class Supervisor(StateMixin):
     def _exit_or(self, outcome: str) -> str:
         process = self._process
         if outcome == "exited" and process is not None and process.returncode is not None:
-            return describe_exit(process.returncode)
+            return f"{describe_exit(process.returncode)}; {self.timeline.stopped_in()}"
+        if outcome == "timeout":
+            return (
+                f"not ready within ENGINE_READY_TIMEOUT={self.settings.ready_timeout:g} s; "
+                + self.timeline.stopped_in()
+            )
         return outcome
 
     async def _start_once(self) -> str:
@@ -212,6 +220,7 @@ class Supervisor(StateMixin):
         self._base_url, self._api_key = f"http://127.0.0.1:{port}", key
         self._model = self.backend.served_model()
         self._tail.clear()
+        self.timeline = Timeline(self.backend.phases)
         self.attempts.append(f"start on port {port}")
         self._set_state(EngineState.STARTING, f"starting {self.backend.name} on port {port}")
         if launch.description:
@@ -287,6 +296,7 @@ class Supervisor(StateMixin):
                 log.write(line + "\n")
                 log.flush()
                 self._tail.append(line)
+                self.timeline.see(line)
                 self.backend.observe(line)
                 engine_logger.debug("%s", line)
 

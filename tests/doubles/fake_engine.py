@@ -75,6 +75,13 @@ def main() -> None:
     if os.environ.get("FAKE_CHILD"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         Path(os.environ["FAKE_STATE_DIR"], "child.pid").write_text(str(child.pid))
+    for line in (  # vLLM's start, phase by phase (engine/startup.py), before any delay
+        "INFO [api_utils.py:273] non-default args: {'port': 0}",
+        "INFO [core.py:116] Initializing a V1 LLM engine (v0.26.0) with config: fake",
+        "INFO [parallel_state.py:1615] world_size=1 rank=0 local_rank=0 backend=nccl",
+        "INFO [gpu_model_runner.py:5250] Starting to load model fake...",
+    ):
+        print(line, flush=True)
     time.sleep(float(os.environ.get("FAKE_START_DELAY", "0")))
     kind, _, starts = os.environ.get("FAKE_FAIL_STARTS", "").partition(":")
     if kind and count <= int(starts or 1):

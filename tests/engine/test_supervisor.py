@@ -268,3 +268,40 @@ async def test_a_crash_right_after_every_start_fails_with_its_cause(
 )
 def test_exits_are_described(code: int, said: str) -> None:
     assert describe_exit(code).startswith(said)
+
+
+async def test_a_start_that_times_out_names_the_phase_it_stopped_in(
+    tmp_path: Path,
+    cues: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    supervised: list[Supervisor],
+) -> None:
+    monkeypatch.setenv("FAKE_START_DELAY", "30")  # stuck after "Starting to load model"
+    supervisor = await start(supervised, fake_vllm(tmp_path, ready_timeout=2, max_restarts=0))
+    assert (
+        await supervisor.wait_for(EngineState.FAILED, EngineState.READY, timeout=30)
+        is EngineState.FAILED
+    )
+    assert "not ready within ENGINE_READY_TIMEOUT=2 s" in supervisor.detail
+    assert "stopped in 'loading weights'" in supervisor.detail
+    assert "engine process started" in supervisor.detail  # the timeline up to there
+    assert supervisor.pid is None
+
+
+async def test_a_ready_engine_logs_its_start_timeline(
+    tmp_path: Path, cues: dict[str, str], supervised: list[Supervisor]
+) -> None:
+    supervisor = await start(supervised, fake_vllm(tmp_path))
+    assert (
+        await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
+        is EngineState.READY
+    )
+    phases = [name for _, name in supervisor.timeline.seen]
+    assert phases[:5] == [
+        "process spawned",
+        "API server up",
+        "engine process started",
+        "distributed group (NCCL) set up",
+        "loading weights",
+    ]
+    assert "weights loaded" in phases and "KV cache allocated" in phases

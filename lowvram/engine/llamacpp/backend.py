@@ -22,6 +22,7 @@ from lowvram.engine.llamacpp.fetch import resolve_gguf
 from lowvram.engine.llamacpp.gguf import read_metadata
 from lowvram.engine.llamacpp.plan import MIN_CONTEXT, LlamaCppPlan, plan_llamacpp
 from lowvram.engine.settings import EngineSettings
+from lowvram.engine.startup import LLAMACPP_PHASES
 
 FAILURES = {
     "out_of_memory": ("failed to allocate", "out of memory", "unable to allocate"),
@@ -32,6 +33,7 @@ _SLOTS = re.compile(r"n_slots = (\d+), n_ctx_slot = (\d+)")
 class LlamaCppBackend:
     name = "llamacpp"
     health_path = "/health"
+    phases = LLAMACPP_PHASES
 
     def __init__(
         self, plan: LlamaCppPlan, settings: EngineSettings, server: Build | Sequence[str]

@@ -19,6 +19,7 @@ from lowvram.engine.errors import PlanError, SetupError
 from lowvram.engine.handle import ModelDetails, ServedModel
 from lowvram.engine.hardware import Hardware, detect_gpus, devices_by_index, gpu_memory_used
 from lowvram.engine.settings import EngineSettings
+from lowvram.engine.startup import VLLM_PHASES
 from lowvram.engine.units import GiB, gib
 from lowvram.engine.vllm import plugin
 from lowvram.engine.vllm.deployment import Deployment, plan_deployment
@@ -52,6 +53,7 @@ def _free_now(indices: Sequence[int]) -> int | None:
 class VllmBackend:
     name = "vllm"
     health_path = "/health"
+    phases = VLLM_PHASES
 
     def __init__(
         self,

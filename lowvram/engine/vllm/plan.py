@@ -16,6 +16,17 @@ from lowvram.engine.units import GiB, gib
 
 OFFLOAD_VOCAB_ENV = "LOWVRAM_OFFLOAD_VOCAB"
 """How a plan tells lowvram's vLLM plugin which vocabulary tensors to move."""
+MULTI_GPU_ENV = {
+    # No NVLink multicast (NVLS): on shared hosts a program using it can take the GPUs out
+    # of service; NCCL, PyTorch's symmetric memory and NVSHMEM each have their switch.
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    # vLLM 0.26 all-reduces through symmetric memory by default, which wants multicast:
+    # NCCL's and its own custom all-reduce (CUDA IPC over NVLink) do without.
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": "0",
+}
+"""The environment of an engine over several GPUs (tensor or pipeline parallel)."""
 
 
 class VramEstimate(BaseModel):
@@ -212,6 +223,8 @@ class EnginePlan(BaseModel):
         }
         if self.vocab_modules:
             env[OFFLOAD_VOCAB_ENV] = ",".join(self.vocab_modules)  # read by plugin.py
+        if self.gpus > 1:
+            env |= MULTI_GPU_ENV
         return env
 
     def explain(self) -> str:
