@@ -36,6 +36,30 @@ FAKE_ENGINE = [sys.executable, "-m", "tests.doubles.fake_engine"]
 """The test double of vLLM's server (tests/doubles/fake_engine.py), run from the repo root."""
 FAST = Timing(backoff_base=0.1, stop_grace=2, poll_interval=0.1)
 """Supervisor timing for tests: quick restarts and stops."""
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+"""The chat tool the client tests offer (Ollama's tools have the same shape)."""
+
+
+def lowvram_keys(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lowvram keys ...` against the database at `db`, as a process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lowvram", "keys", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"GATEWAY_DB_PATH": str(db)},
+    )
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:

@@ -23,23 +23,19 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from tests.helpers import ServeProcess, alive, child_processes, lowvram_serve, wait_for
+from tests.helpers import (
+    WEATHER_TOOL,
+    ServeProcess,
+    alive,
+    child_processes,
+    lowvram_serve,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e]
 
 KEY = "e2e-agents-key-0001"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}
 
 

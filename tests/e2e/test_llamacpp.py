@@ -24,24 +24,13 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from tests.helpers import ServeProcess, lowvram_serve, wait_for
+from tests.helpers import WEATHER_TOOL, ServeProcess, lowvram_serve, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
 KEY = "e2e-client-key-0001"
 QUESTION = "What is the capital of France? Answer in one word."
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER = WEATHER_TOOL
 TIME = {
     "type": "function",
     "function": {

@@ -18,7 +18,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.helpers import ServeProcess, lowvram_serve
+from tests.helpers import WEATHER_TOOL, ServeProcess, lowvram_serve
 
 pytestmark = [pytest.mark.e2e]
 
@@ -105,22 +105,10 @@ def test_a_format_schema_is_held_by_the_grammar(client: ollama.Client) -> None:
 def test_a_tool_request_is_served_and_any_call_has_object_arguments(
     client: ollama.Client,
 ) -> None:
-    weather = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the current weather in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
     reply = client.chat(
         model="default",
         messages=[{"role": "user", "content": "What is the weather in Paris? Use the tool."}],
-        tools=[weather],
+        tools=[WEATHER_TOOL],
         stream=False,
         options={"temperature": 0, "num_predict": 96},
     )

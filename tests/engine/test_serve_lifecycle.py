@@ -57,6 +57,24 @@ def test_the_banner_comes_once_the_engine_is_ready_and_its_output_is_in_a_file(
     assert "fake engine start" not in output
 
 
+def stream_started(url: str, body: dict[str, Any]) -> tuple[threading.Thread, list[str]]:
+    """A client streaming `body` from its own thread, once its first events are in; the
+    list fills with the `data:` lines as they come."""
+    received: list[str] = []
+
+    def consume() -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=30
+        ) as response:
+            received.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    client = threading.Thread(target=consume)
+    client.start()
+    wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+    return client, received
+
+
 def engine_pid(tmp_path: Path) -> int:
     log = (tmp_path / "engine.log").read_text()
     line = next(line for line in log.splitlines() if "fake engine start" in line)
@@ -74,17 +92,7 @@ def test_sigterm_drains_in_flight_streams_then_stops_the_engine(
         "stream": True,
         "fake": {"tokens": 20, "delay": 0.1},
     }
-    received: list[str] = []
-
-    def consume() -> None:
-        headers = {"Authorization": f"Bearer {KEY}"}
-        url_ = url + "/v1/chat/completions"
-        with httpx.stream("POST", url_, json=body, headers=headers, timeout=30) as response:
-            received.extend(line for line in response.iter_lines() if line.startswith("data: "))
-
-    client = threading.Thread(target=consume)
-    client.start()
-    wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+    client, received = stream_started(url, body)
     process.send_signal(signal.SIGTERM)
     client.join(30)
     assert received[-1] == "data: [DONE]" and len(received) == 21  # 20 tokens, nothing cut
@@ -113,17 +121,7 @@ def test_a_stream_still_running_when_the_drain_time_ends_gets_an_error_and_done(
             "stream": True,
             "fake": {"tokens": 200, "delay": 0.05},
         }
-        received: list[str] = []
-
-        def consume() -> None:
-            headers = {"Authorization": f"Bearer {KEY}"}
-            url = served.url + "/v1/chat/completions"
-            with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
-                received.extend(line for line in response.iter_lines() if line.startswith("data: "))
-
-        client = threading.Thread(target=consume)
-        client.start()
-        wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+        client, received = stream_started(served.url, body)
         served.process.send_signal(signal.SIGTERM)
         client.join(30)
         assert received[-1] == "data: [DONE]" and len(received) < 200
@@ -148,17 +146,7 @@ def test_ctrl_c_stops_cleanly_and_a_second_one_cuts_streams_quietly(
         "stream": True,
         "fake": {"tokens": 400, "delay": 0.05},
     }
-    received: list[str] = []
-
-    def consume() -> None:
-        headers = {"Authorization": f"Bearer {KEY}"}
-        url_ = url + "/v1/chat/completions"
-        with httpx.stream("POST", url_, json=body, headers=headers, timeout=30) as response:
-            received.extend(line for line in response.iter_lines() if line.startswith("data: "))
-
-    client = threading.Thread(target=consume)
-    client.start()
-    wait_for(lambda: len(received) >= 2, 10, "the stream to start")
+    client, received = stream_started(url, body)
     process.send_signal(signal.SIGINT)
     wait_for(lambda: "Shutting down" in (tmp_path / "serve.log").read_text(), 10, "the drain")
     process.send_signal(signal.SIGINT)

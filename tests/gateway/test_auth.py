@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,7 +11,7 @@ import pytest
 
 from lowvram.gateway.keystore import KeyStore, hash_key
 from tests.conftest import ADMIN_KEY, CLIENT_KEY, GatewayFactory
-from tests.helpers import assert_openai_error
+from tests.helpers import assert_openai_error, lowvram_keys
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -97,16 +94,6 @@ def test_keys_are_stored_as_hashes_and_never_logged(
     dump = "\n".join(sqlite3.connect(tmp_path / "gateway.sqlite3").iterdump())
     assert key not in dump and key[12:] not in dump
     store.close()
-
-
-def lowvram_keys(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lowvram", "keys", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ | {"GATEWAY_DB_PATH": str(db)},
-    )
 
 
 def test_cli_creates_lists_and_revokes_keys_showing_a_key_once(tmp_path: Path) -> None:

@@ -36,6 +36,16 @@ def closed(sock: socket.socket) -> bool:
     return True
 
 
+def request_head(auth: dict[str, str], framing: bytes) -> bytes:
+    """A chat request's headers, with how its body is framed (Content-Length, chunked)."""
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {auth['Authorization']}\r\n".encode()
+        + framing
+        + b"\r\n\r\n"
+    )
+
+
 def read_response(sock: socket.socket) -> bytes:
     sock.settimeout(10)
     data = b""
@@ -63,12 +73,7 @@ def test_a_kept_alive_connection_gets_the_same_deadline_between_requests(
 ) -> None:
     gateway = make_gateway(header_timeout=0.5)
     sock = connect(gateway)
-    head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: {auth['Authorization']}\r\n".encode()
-        + f"Content-Length: {len(CHAT)}\r\n\r\n".encode()
-    )
-    sock.sendall(head + CHAT)
+    sock.sendall(request_head(auth, f"Content-Length: {len(CHAT)}".encode()) + CHAT)
     assert read_response(sock).startswith(b"HTTP/1.1 200")
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # a second request, trickled
     wait_for(lambda: closed(sock), 10, "the slow second request's connection closed")
@@ -80,12 +85,7 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes(
 ) -> None:
     gateway = make_gateway(body_timeout=0.5)
     sock = connect(gateway)
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: {auth['Authorization']}\r\n".encode()
-        + b"Content-Length: 100\r\n\r\n"
-        + CHAT[:10]
-    )
+    sock.sendall(request_head(auth, b"Content-Length: 100") + CHAT[:10])
     response = read_response(sock)
     assert response.startswith(b"HTTP/1.1 408") and b"connection: close" in response.lower()
     assert b'"request_timeout"' in response or closed(sock)
@@ -99,12 +99,7 @@ def test_a_chunked_body_over_the_limit_is_a_413_and_the_connection_closes_at_onc
     gateway = make_gateway(max_body_bytes=2048)
     sock = connect(gateway)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: {auth['Authorization']}\r\n".encode()
-        + b"Transfer-Encoding: chunked\r\n\r\n"
-        + b"1000\r\n"
-        + b"x" * 4096
-        + b"\r\n"
+        request_head(auth, b"Transfer-Encoding: chunked") + b"1000\r\n" + b"x" * 4096 + b"\r\n"
     )
     response = read_response(sock)
     assert response.startswith(b"HTTP/1.1 413") and b"connection: close" in response.lower()

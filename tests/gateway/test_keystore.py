@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -22,19 +20,9 @@ import httpx
 from lowvram.gateway.keystore import KeyStore, UsageLog, UsageRecord
 from tests.conftest import CLIENT_KEY, UPSTREAM_KEY, GatewayFactory
 from tests.doubles.fake_upstream import FakeUpstream
-from tests.helpers import lowvram_serve, wait_for
+from tests.helpers import lowvram_keys, lowvram_serve, wait_for
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def lowvram_keys(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lowvram", "keys", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ | {"GATEWAY_DB_PATH": str(db)},
-    )
 
 
 def test_keys_made_by_the_cli_while_serving_under_load_work_at_once(
