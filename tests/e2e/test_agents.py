@@ -240,17 +240,22 @@ def test_a_responses_answer_cut_by_max_output_tokens_is_incomplete(client: opena
     assert response.incomplete_details and response.incomplete_details.reason == "max_output_tokens"
 
 
-def test_pydantic_ai_with_the_responses_model_and_an_output_type(served: ServeProcess) -> None:
+@pytest.mark.anyio
+async def test_pydantic_ai_with_the_responses_model_and_an_output_type(
+    served: ServeProcess,
+) -> None:
+    import httpx2  # pydantic-ai's own HTTP client
     from pydantic_ai import Agent
     from pydantic_ai.models.openai import OpenAIResponsesModel
     from pydantic_ai.providers.openai import OpenAIProvider
 
-    provider = OpenAIProvider(base_url=served.url + "/v1", api_key=KEY)
-    agent = Agent(OpenAIResponsesModel("default", provider=provider), output_type=City)
-    result = agent.run_sync(
-        "Paris is in which country? Give the city and the country.",
-        model_settings={"max_tokens": 120, "temperature": 0},
-    )
+    async with httpx2.AsyncClient(timeout=120) as http:
+        provider = OpenAIProvider(base_url=served.url + "/v1", api_key=KEY, http_client=http)
+        agent = Agent(OpenAIResponsesModel("default", provider=provider), output_type=City)
+        result = await agent.run(
+            "Paris is in which country? Give the city and the country.",
+            model_settings={"max_tokens": 120, "temperature": 0},
+        )
     assert isinstance(result.output, City) and result.output.name
 
 
