@@ -32,7 +32,9 @@ class Backend(Protocol):
         """The command for one start on 127.0.0.1:`port`; the key travels in the environment."""
         ...
 
-    def served_model(self) -> ServedModel: ...
+    def served_models(self) -> tuple[ServedModel, ...]:
+        """What the engine serves once ready, the default model first."""
+        ...
 
     def observe(self, line: str) -> None:
         """Read one line of the engine's output (for verification and reports)."""

@@ -51,6 +51,10 @@ class ExternalEngine(StateMixin):
     def model(self) -> ServedModel | None:
         return self._model
 
+    @property
+    def models(self) -> tuple[ServedModel, ...]:
+        return (self._model,) if self._model is not None else ()
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="external-engine-watch")
 

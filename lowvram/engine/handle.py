@@ -101,7 +101,14 @@ class EngineHandle(Protocol):
     def state(self) -> EngineState: ...
 
     @property
-    def model(self) -> ServedModel | None: ...
+    def model(self) -> ServedModel | None:
+        """The default model (the first it serves); None while not ready."""
+        ...
+
+    @property
+    def models(self) -> tuple[ServedModel, ...]:
+        """Every model it serves, the default first; none while not ready."""
+        ...
 
     @property
     def detail(self) -> str:

@@ -165,12 +165,22 @@ class Replicas(StateMixin):
 
     @property
     def model(self) -> ServedModel | None:
-        ready = [m.model for m in self.members if m.state is EngineState.READY and m.model]
+        models = self.models
+        return models[0] if models else None
+
+    @property
+    def models(self) -> tuple[ServedModel, ...]:
+        """The ready members' models, each with their sequences added up (the gateway's
+        in-flight bound); in the order the first ready member lists them."""
+        ready = [m.models for m in self.members if m.state is EngineState.READY and m.models]
         if not ready:
-            return None
-        batches = [m.max_batch for m in ready]
-        total = sum(b for b in batches if b) if all(batches) else None
-        return replace(ready[0], max_batch=total)
+            return ()
+        merged = []
+        for first in ready[0]:
+            batches = [m.max_batch for models in ready for m in models if m.id == first.id]
+            total = sum(b for b in batches if b) if all(batches) else None
+            merged.append(replace(first, max_batch=total))
+        return tuple(merged)
 
     async def start(self) -> None:
         for member in self.members:

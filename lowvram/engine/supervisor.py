@@ -101,7 +101,7 @@ class Supervisor(StateMixin):
         self.timing = timing or Timing()
         self._base_url = ""
         self._api_key = ""
-        self._model: ServedModel | None = None
+        self._models: tuple[ServedModel, ...] = ()
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -125,7 +125,11 @@ class Supervisor(StateMixin):
 
     @property
     def model(self) -> ServedModel | None:
-        return self._model if self.state is EngineState.READY else None
+        return self.models[0] if self.models else None
+
+    @property
+    def models(self) -> tuple[ServedModel, ...]:
+        return self._models if self.state is EngineState.READY else ()
 
     @property
     def pid(self) -> int | None:
@@ -218,7 +222,7 @@ class Supervisor(StateMixin):
         port, key = free_port(), secrets.token_urlsafe(24)
         launch = self.backend.launch(port, key)
         self._base_url, self._api_key = f"http://127.0.0.1:{port}", key
-        self._model = self.backend.served_model()
+        self._models = self.backend.served_models()
         self._tail.clear()
         self.timeline = Timeline(self.backend.phases)
         self.attempts.append(f"start on port {port}")

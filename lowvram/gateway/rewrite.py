@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -87,31 +88,34 @@ def _is_union_tag(part: int | str) -> bool:
 
 def resolve_model(
     requested: object,
-    served: ServedModel,
+    models: Sequence[ServedModel],
     aliases: dict[str, str],
     key: KeyRecord,
     *,
     ollama_names: bool = False,
-) -> str:
-    """The engine's model id for what the client named; 404 for anything else.
+) -> ServedModel:
+    """The served model the client named; 404 for anything else (or one its key may not use).
 
-    No model, or "default", means the served model: examples and clients that must name
-    one work whatever the engine serves. With `ollama_names` (Ollama's routes), a
-    name:tag names it too where the served name holds both (qwen2.5:0.5b for
+    No model, or "default", means the default model (the first): examples and clients that
+    must name one work whatever the engine serves. With `ollama_names` (Ollama's routes), a
+    name:tag names a model too where its name holds both (qwen2.5:0.5b for
     qwen2.5-coder-0.5b-instruct; name:latest for name).
     """
     if requested is not None and not isinstance(requested, str):
         raise BadRequest("Invalid value for 'model': expected a string.", param="model")
-    target = served.id if requested in (None, "", "default") else aliases.get(requested, requested)
-    if ollama_names and target != served.id and _ollama_name_of(target, served.id):
-        target = served.id
-    allowed = key_may_use(key, requested, served.id)
-    if target != served.id or not allowed:
+    if requested in (None, "", "default"):
+        chosen: ServedModel | None = models[0]
+    else:
+        target = aliases.get(requested, requested)
+        chosen = next((m for m in models if m.id == target), None)
+        if chosen is None and ollama_names:
+            chosen = next((m for m in models if _ollama_name_of(target, m.id)), None)
+    if chosen is None or not key_may_use(key, requested, chosen.id, chosen is models[0]):
         raise ModelNotFound(
             f"The model '{requested}' does not exist or you do not have access to it.",
             param="model",
         )
-    return served.id
+    return chosen
 
 
 def _ollama_name_of(name: str, served: str) -> bool:
@@ -122,9 +126,13 @@ def _ollama_name_of(name: str, served: str) -> bool:
     )
 
 
-def key_may_use(key: KeyRecord, name: str | None, served_id: str) -> bool:
-    """A key's model list may name the model, the alias asked for, or "default"."""
-    return key.models is None or bool({name, served_id, "default"} & set(key.models))
+def key_may_use(key: KeyRecord, name: str | None, served_id: str, default: bool = True) -> bool:
+    """A key's model list may name the model, the alias asked for, or "default" (which is
+    the default model)."""
+    if key.models is None:
+        return True
+    names = {name, served_id} | ({"default"} if default else set())
+    return bool(names & set(key.models))
 
 
 def apply_shims(endpoint: Endpoint, body: dict[str, Any], served: ServedModel) -> None:

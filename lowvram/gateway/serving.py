@@ -128,19 +128,29 @@ class Gateway:
             )
         return EngineUnavailable(f"The engine is not serving: {reason}.")
 
-    def served_model(self) -> ServedModel:
-        model = self.engine.model
-        if self.engine.state is not EngineState.READY or model is None:
+    def served_models(self) -> tuple[ServedModel, ...]:
+        """Every model served, the default first; a 503 while none is."""
+        models = self.engine.models
+        if self.engine.state is not EngineState.READY or not models:
             raise self._unavailable(self.engine.state)
-        return model
+        return models
 
-    def model_ids(self, key: KeyRecord) -> list[str]:
-        """The served model and its aliases, as far as this key may use them."""
-        served = self.served_model()
-        names = [served.id] + [
-            alias for alias, target in self.settings.model_aliases.items() if target == served.id
-        ]
-        return [name for name in names if key_may_use(key, name, served.id)]
+    def served_model(self, name: str | None = None) -> ServedModel:
+        """A served model by its id (the default one without)."""
+        models = self.served_models()
+        return next((m for m in models if m.id == name), models[0])
+
+    def model_ids(self, key: KeyRecord) -> list[tuple[str, ServedModel]]:
+        """Each name this key may use (the models' ids and their aliases), with its model."""
+        named = []
+        for i, served in enumerate(self.served_models()):
+            aliases = [a for a, t in self.settings.model_aliases.items() if t == served.id]
+            named += [
+                (name, served)
+                for name in [served.id, *aliases]
+                if key_may_use(key, name, served.id, i == 0)
+            ]
+        return named
 
     # --- requests ----------------------------------------------------------------------
 
@@ -167,14 +177,14 @@ class Gateway:
             if endpoint in OLLAMA:
                 validate(_SCHEMAS[engine], body)
             stream = exchange.stream = engine.generates and body.get("stream") is True
-            served = self.served_model()
-            exchange.model = body["model"] = resolve_model(
+            served = resolve_model(
                 body.get("model"),
-                served,
+                self.served_models(),
                 self.settings.model_aliases,
                 key,
                 ollama_names=dialect.ollama_names,
             )
+            exchange.model = body["model"] = served.id
             if endpoint is Endpoint.RESPONSES:
                 check_engine_can(endpoint, asked, served)  # naming the client's fields
             else:
@@ -224,7 +234,7 @@ class Gateway:
 
         async def attempt(lease: Lease) -> tuple[httpx.Response, TokenCounter]:
             exchange.lease = lease
-            counter = TokenCounter(self.client, lease.member)
+            counter = TokenCounter(self.client, lease.member, served)
             if endpoint.generates:
                 exchange.prompt_tokens = await fit_context(
                     body, endpoint, served, counter, self.settings.default_max_tokens

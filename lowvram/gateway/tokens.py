@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from lowvram.engine.handle import EngineHandle
+from lowvram.engine.handle import EngineHandle, ServedModel
 from lowvram.engine.probe import auth_headers
 from lowvram.gateway.exchange import Endpoint
 
@@ -64,12 +64,16 @@ class TokenCounter:
     context before the request is sent, and for usage an engine did not report.
     """
 
-    def __init__(self, client: httpx.AsyncClient, engine: EngineHandle) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, engine: EngineHandle, model: ServedModel | None = None
+    ) -> None:
         self._client = client
         self._engine = engine
+        self._model = model
+        """The model the request is for (the engine's default one without)."""
 
     async def count_prompt(self, endpoint: Endpoint, body: dict[str, Any]) -> int | None:
-        model = self._engine.model
+        model = self._model or self._engine.model
         if model is None or model.tokenizer is None:
             return None
         if endpoint is Endpoint.COMPLETIONS:
@@ -89,12 +93,14 @@ class TokenCounter:
         return _int(await self._post(_CHAT_COUNT, counted), "input_tokens")
 
     async def count_text(self, text: str) -> int | None:
-        model = self._engine.model
+        model = self._model or self._engine.model
         if model is None or model.tokenizer is None:
             return None
         if model.tokenizer == "vllm":
             return _int(await self._post("/tokenize", {"model": model.id, "prompt": text}), "count")
-        data = await self._post("/tokenize", {"content": text, "add_special": True})
+        # llama.cpp's router routes by "model"; a single server ignores it.
+        request = {"model": model.id, "content": text, "add_special": True}
+        data = await self._post("/tokenize", request)
         tokens = data.get("tokens") if data else None
         return len(tokens) if isinstance(tokens, list) else None
 

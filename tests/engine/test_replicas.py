@@ -38,6 +38,10 @@ class Member(StateMixin):
     def model(self) -> ServedModel | None:
         return self._model if self.state is EngineState.READY else None
 
+    @property
+    def models(self) -> tuple[ServedModel, ...]:
+        return (self._model,) if self.state is EngineState.READY else ()
+
     def set(self, state: EngineState, reason: str | None = None) -> None:
         self._set_state(state, f"{self.name} {state.value}", reason)
 

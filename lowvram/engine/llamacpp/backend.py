@@ -30,6 +30,23 @@ FAILURES = {
 _SLOTS = re.compile(r"n_slots = (\d+), n_ctx_slot = (\d+)")
 
 
+def served_model(name: str, plan: LlamaCppPlan) -> ServedModel:
+    """What the gateway needs to know of a model llama-server runs with this plan."""
+    return ServedModel(
+        id=name,
+        context_length=plan.context,
+        max_batch=plan.parallel,
+        tokenizer="llamacpp",
+        max_choices=plan.parallel,
+        accepts_images=False,  # no multimodal projector is loaded
+        serves_embeddings=False,  # a chat model, started without --embeddings
+        named_tool_choice=False,
+        seed_needs_fresh_prompt=True,
+        tool_call_opener=plan.tool_call_opener,
+        details=plan.details,
+    )
+
+
 class LlamaCppBackend:
     name = "llamacpp"
     health_path = "/health"
@@ -65,20 +82,11 @@ class LlamaCppBackend:
         env["LLAMA_API_KEY"] = api_key
         return Launch([*argv, *self._extra_args], env, self.plan.explain())
 
+    def served_models(self) -> tuple[ServedModel, ...]:
+        return (self.served_model(),)
+
     def served_model(self) -> ServedModel:
-        return ServedModel(
-            id=self.plan.model.served_name,
-            context_length=self.plan.context,
-            max_batch=self.plan.parallel,
-            tokenizer="llamacpp",
-            max_choices=self.plan.parallel,
-            accepts_images=False,  # no multimodal projector is loaded
-            serves_embeddings=False,  # a chat model, started without --embeddings
-            named_tool_choice=False,
-            seed_needs_fresh_prompt=True,
-            tool_call_opener=self.plan.tool_call_opener,
-            details=self.plan.details,
-        )
+        return served_model(self.plan.model.served_name, self.plan)
 
     def observe(self, line: str) -> None:
         if match := _SLOTS.search(line):

@@ -114,6 +114,9 @@ class VllmBackend:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.gpus)
         return Launch(argv, env, self.deployment.explain())
 
+    def served_models(self) -> tuple[ServedModel, ...]:
+        return (self.served_model(),)
+
     def served_model(self) -> ServedModel:
         return ServedModel(
             id=self.plan.served_name,

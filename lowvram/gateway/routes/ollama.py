@@ -78,26 +78,18 @@ def _entry(name: str, model: ServedModel) -> dict[str, Any]:
 
 @router.get("/api/tags")
 async def tags(request: Request, key: ClientKey) -> dict[str, Any]:
-    """The served model under each name this key may use (its id and its aliases)."""
-    gateway = _gateway(request)
-    served = gateway.served_model()
-    return {"models": [_entry(name, served) for name in gateway.model_ids(key)]}
+    """Each served model under each name this key may use (its id and its aliases)."""
+    return {"models": [_entry(name, served) for name, served in _gateway(request).model_ids(key)]}
 
 
 @router.get("/api/ps")
 async def running(request: Request, key: ClientKey) -> dict[str, Any]:
-    gateway = _gateway(request)
-    served = gateway.served_model()
-    size = served.details.size_bytes if served.details else 0
     models = [
         _entry(name, served)
-        | {
-            "expires_at": "9999-12-31T23:59:59Z",
-            "size_vram": 0,
-            "context_length": served.context_length,
-        }
-        | {"size": size or 0}
-        for name in gateway.model_ids(key)[:1]
+        | {"expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}
+        | {"context_length": served.context_length}
+        for name, served in _gateway(request).model_ids(key)
+        if name == served.id
     ]
     return {"models": models}
 
@@ -109,15 +101,14 @@ async def show(request: Request, key: ClientKey) -> dict[str, Any]:
     if not isinstance(name, str):
         raise BadRequest("'model' must name a model.", param="model")
     gateway = _gateway(request)
-    served = gateway.served_model()
     try:
-        resolve_model(name, served, gateway.settings.model_aliases, key, ollama_names=True)
+        served = resolve_model(
+            name, gateway.served_models(), gateway.settings.model_aliases, key, ollama_names=True
+        )
     except ModelNotFound:
         raise ModelNotFound(f"model '{name}' not found", param="model") from None
     family = served.details.family if served.details else "unknown"
-    capabilities = ["completion"] + (
-        ["tools"] if served.tool_call_opener or served.tokenizer else []
-    )
+    capabilities = ["completion", "tools"]  # both engines call tools (required, named, auto)
     return {
         "modelfile": "",
         "parameters": "",

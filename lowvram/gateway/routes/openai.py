@@ -66,16 +66,16 @@ def _model_card(model_id: str, context_length: int | None) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request, key: ClientKey) -> dict[str, Any]:
-    gateway = _gateway(request)
-    context = gateway.served_model().context_length
-    return {"object": "list", "data": [_model_card(m, context) for m in gateway.model_ids(key)]}
+    named = _gateway(request).model_ids(key)
+    return {"object": "list", "data": [_model_card(n, m.context_length) for n, m in named]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, key: ClientKey) -> dict[str, Any]:
-    """The served model by its id, an alias, or "default" (which always names it)."""
-    gateway = _gateway(request)
-    names = gateway.model_ids(key)
-    if model_id not in names and not (model_id == "default" and names):
+    """A served model by its id, an alias, or "default" (which names the default model)."""
+    named = dict(_gateway(request).model_ids(key))
+    if model_id == "default" and named:
+        return _model_card(model_id, next(iter(named.values())).context_length)
+    if model_id not in named:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-    return _model_card(model_id, gateway.served_model().context_length)
+    return _model_card(model_id, named[model_id].context_length)
