@@ -42,6 +42,7 @@ Flags = dict[str, tuple[type[BaseSettings], str]]
 
 SERVE_FLAGS: Flags = {
     "--model": (EngineSettings, "model"),
+    "--models": (EngineSettings, "models"),
     "--vram": (EngineSettings, "vram"),
     "--context": (EngineSettings, "context"),
     "--concurrency": (EngineSettings, "concurrency"),
@@ -122,13 +123,17 @@ def describe_settings_error(cls: type[BaseSettings], exc: ValidationError) -> st
     parts = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
-        name = (prefix + field).upper() if field else prefix.rstrip("_")
+        message = error["msg"].removeprefix("Value error, ")
+        if not field:  # a rule between settings: its message names them
+            parts.append(message)
+            continue
+        name = (prefix + field).upper()
         value = error.get("input")
         secret = field in cls.model_fields and "SecretStr" in str(cls.model_fields[field])
         if isinstance(value, str):
             value = _USERINFO.sub("//***@", value)  # a password in a URL
         shown = f"={value!r}" if isinstance(value, (str, int, float)) and not secret else ""
-        parts.append(f"{name}{shown}: {error['msg']}")
+        parts.append(f"{name}{shown}: {message}")
     return "; ".join(parts)
 
 
@@ -282,10 +287,11 @@ def _key_store(path: Path) -> Any:
 
 def _banner(settings: GatewaySettings, engine: EngineHandle | Replicas, has_keys: bool) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    served = engine.model.id if engine.model else "?"
+    names = [model.id for model in engine.models] or ["?"]
+    served = f"model: {names[0]}" if len(names) == 1 else "models: " + ", ".join(names)
     lines = [
-        f"lowvram is ready: http://{host}:{settings.port}/v1  (model: {served}; "
-        '"default" names it too)',
+        f"lowvram is ready: http://{host}:{settings.port}/v1  ({served}; "
+        f'"default" names {names[0]})',
         f"data: {settings.db_path.parent}  (keys and usage: {settings.db_path.name})",
     ]
     if not has_keys:

@@ -2,8 +2,9 @@
 
     engine = build_engine(EngineSettings())   # raises an EngineError that says what to fix
 
-One engine is one `Supervisor`; several (ENGINE_REPLICAS, or the vLLM planner's choice
-on several GPUs) are a `Replicas` pool of them, each with its own log file. Everything
+One engine is one `Supervisor` (ENGINE_MODELS on llama.cpp: one router serving them all);
+several (ENGINE_REPLICAS, or the vLLM planner's choice on several GPUs) are a `Replicas`
+pool of them, each with its own log file. Everything
 that can fail before the engines run (no GPU, no model, no plan that fits) fails here,
 before the gateway listens.
 """
@@ -37,6 +38,11 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
     """One backend per engine to run, and the engines' names (for logs, /ready, /metrics)."""
     hardware = detect_hardware(settings)
     if choose_backend(settings, hardware) == "vllm":
+        if settings.models:
+            raise SetupError(
+                "ENGINE_MODELS runs on llama.cpp for now (ENGINE_BACKEND=llamacpp); with vLLM, "
+                "serve one model per gateway (ENGINE_MODEL)"
+            )
         if hardware.gpu is None:
             raise SetupError(
                 "vLLM needs an NVIDIA GPU and none was found "
@@ -56,6 +62,12 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
         ]
         names = ["gpu" + "+".join(str(i) for i in group) for group in deployment.groups]
         return backends, names
+    if settings.models:
+        if (settings.replicas or 1) > 1:
+            raise SetupError("ENGINE_MODELS serves each model once: leave ENGINE_REPLICAS unset")
+        from lowvram.engine.llamacpp.router import LlamaCppRouterBackend
+
+        return [LlamaCppRouterBackend.from_settings(settings, hardware)], ["cpu0"]
     from lowvram.engine.llamacpp.backend import LlamaCppBackend
 
     replicas = settings.replicas or 1

@@ -8,11 +8,12 @@ Each field's docstring is its `--help` text and its line in `.env.example`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ByteSize, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lowvram.paths import data_dir
 
@@ -33,6 +34,13 @@ class EngineSettings(BaseSettings):
     """auto: vLLM with an NVIDIA GPU and vLLM installed, else llama.cpp on the CPU."""
     model: str | None = None
     """vLLM: HF directory or Hub id. llama.cpp: GGUF path or owner/repo:file.gguf."""
+    models: Annotated[dict[str, str], NoDecode] = {}
+    """Several models on one port, as name=model,name2=model2 (llama.cpp: GGUF paths or
+    owner/repo:file.gguf); clients pick one by name, the first is the default. Instead of
+    ENGINE_MODEL."""
+    models_loaded: int | None = Field(None, ge=1)
+    """With ENGINE_MODELS: how many stay loaded at once (a request for another stops the
+    least recently used); default: as many as RAM holds."""
     vram: ByteSize | None = None
     """VRAM the engine may use, e.g. 6GiB; default: what the GPU has free, less 5%."""
     context: int | None = Field(None, ge=256)
@@ -83,3 +91,38 @@ class EngineSettings(BaseSettings):
     command: str | None = None
     """The engine server's command, e.g. vLLM from its own virtualenv:
     `/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server`."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        models: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, sep, source = item.partition("=")
+            name, source = name.strip(), source.strip()
+            if not sep or not name or not source:
+                raise ValueError(f"write models as name=model,name2=model2 (got {item!r})")
+            if name in models:
+                raise ValueError(f"model name {name!r} is given twice")
+            models[name] = source
+        return models
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"model name {name!r}: use letters, digits and . _ - / : (no spaces)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> EngineSettings:
+        if self.models and self.model:
+            raise ValueError("set ENGINE_MODEL or ENGINE_MODELS, not both")
+        return self
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]*")
