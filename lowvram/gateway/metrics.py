@@ -61,6 +61,13 @@ class Metrics:
         self.engine_ready = Gauge(
             "lowvram_engine_ready", "1 while the engine is ready.", registry=self.registry
         )
+        self.model_state = Gauge(
+            "lowvram_model_state",
+            "1 for each served model's state, where an engine serves several (llama.cpp's "
+            "router: loaded, loading, unloaded, failed).",
+            ["model", "state"],
+            registry=self.registry,
+        )
         self.replica_ready = Gauge(
             "lowvram_replica_ready",
             "1 while this engine of the pool is ready.",

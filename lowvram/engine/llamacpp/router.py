@@ -9,8 +9,10 @@ for a model that is not loaded waits while it loads (a 0.5B: ~2 s on 2 cores); n
 connection is reset. Each model is planned as if it ran alone (plan.py), and as many run
 at once as the host's RAM holds (weights and KV caches), at least one.
 
-A model whose file cannot be found is left out and reported on its own (/ready); the
-others serve.
+A model whose file cannot be found is left out and said so on its own (the plan's
+explanation, the ready line in the log); the others serve. Which models are loaded is the
+router's to say (`GET /models`): the gateway shows it on /v1/models, /ready and /metrics
+(gateway/model_states.py).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from lowvram.engine.handle import ServedModel
 from lowvram.gateway.auth import ClientKey
 from lowvram.gateway.errors import BadRequest, ModelNotFound
 from lowvram.gateway.exchange import Endpoint
+from lowvram.gateway.model_states import model_states
 from lowvram.gateway.rewrite import parse_body, resolve_model
 from lowvram.gateway.serving import Gateway
 
@@ -84,12 +85,16 @@ async def tags(request: Request, key: ClientKey) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def running(request: Request, key: ClientKey) -> dict[str, Any]:
+    """The models loaded now: every one for one engine per model, the loaded ones where an
+    engine serves several and says which (llama.cpp's router)."""
+    gateway = _gateway(request)
+    states = await model_states(gateway.client, gateway.engine)
     models = [
         _entry(name, served)
         | {"expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}
         | {"context_length": served.context_length}
-        for name, served in _gateway(request).model_ids(key)
-        if name == served.id
+        for name, served in gateway.model_ids(key)
+        if name == served.id and states.get(served.id, "loaded") == "loaded"
     ]
     return {"models": models}
 

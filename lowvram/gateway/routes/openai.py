@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from lowvram.gateway.auth import ClientKey
 from lowvram.gateway.errors import ModelNotFound
 from lowvram.gateway.exchange import Endpoint
+from lowvram.gateway.model_states import model_states
 from lowvram.gateway.rewrite import parse_body
 from lowvram.gateway.serving import Gateway
 
@@ -52,7 +53,9 @@ async def tokenize(request: Request, key: ClientKey) -> Response:
     return await _handle(request, key, Endpoint.TOKENIZE)
 
 
-def _model_card(model_id: str, context_length: int | None) -> dict[str, Any]:
+def _model_card(
+    model_id: str, context_length: int | None, state: str | None = None
+) -> dict[str, Any]:
     card: dict[str, Any] = {
         "id": model_id,
         "object": "model",
@@ -61,21 +64,30 @@ def _model_card(model_id: str, context_length: int | None) -> dict[str, Any]:
     }
     if context_length is not None:
         card["max_model_len"] = context_length
+    if state is not None:  # several models on one engine: loaded, loading, unloaded, ...
+        card["state"] = state
     return card
 
 
 @router.get("/v1/models")
 async def list_models(request: Request, key: ClientKey) -> dict[str, Any]:
-    named = _gateway(request).model_ids(key)
-    return {"object": "list", "data": [_model_card(n, m.context_length) for n, m in named]}
+    gateway = _gateway(request)
+    named = gateway.model_ids(key)
+    states = await model_states(gateway.client, gateway.engine)
+    cards = [_model_card(n, m.context_length, states.get(m.id)) for n, m in named]
+    return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, key: ClientKey) -> dict[str, Any]:
     """A served model by its id, an alias, or "default" (which names the default model)."""
-    named = dict(_gateway(request).model_ids(key))
+    gateway = _gateway(request)
+    named = dict(gateway.model_ids(key))
     if model_id == "default" and named:
-        return _model_card(model_id, next(iter(named.values())).context_length)
-    if model_id not in named:
+        served = next(iter(named.values()))
+    elif model_id in named:
+        served = named[model_id]
+    else:
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-    return _model_card(model_id, named[model_id].context_length)
+    states = await model_states(gateway.client, gateway.engine)
+    return _model_card(model_id, served.context_length, states.get(served.id))

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lowvram.engine.handle import EngineState
 from lowvram.gateway.auth import AdminKey
+from lowvram.gateway.model_states import model_states
 from lowvram.gateway.serving import Gateway
 from lowvram.gateway.upstream import ENGINE_RETRY_AFTER
 
@@ -36,6 +37,8 @@ async def ready(request: Request) -> Response:
             {k: v for k, v in r.items() if k != "outstanding" and (k != "reason" or v)}
             for r in engine.snapshot()
         ]
+    if states := await model_states(gateway.client, engine):
+        body["models"] = states  # several models on one engine: which are loaded
     if engine.state is EngineState.READY:
         return JSONResponse(body)
     retry = engine.state in (EngineState.STARTING, EngineState.RESTARTING)
@@ -57,4 +60,8 @@ async def metrics(request: Request) -> Response:
         name = str(replica["name"])
         m.child(m.replica_ready, name).set(1 if replica["state"] == "ready" else 0)
         m.child(m.replica_outstanding, name).set(replica["outstanding"])
+    states = await model_states(gateway.client, gateway.engine)
+    m.model_state.clear()  # a model's old state must not linger beside its new one
+    for model, state in states.items():
+        m.model_state.labels(model, state).set(1)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
