@@ -105,14 +105,17 @@ def test_a_three_turn_tool_loop(client: openai.OpenAI) -> None:
         if last:
             assert message.content and not message.tool_calls
             break
-        assert message.tool_calls and len(message.tool_calls) == 1
-        call = message.tool_calls[0]
-        arguments = json.loads(call.function.arguments)  # whole JSON, not a cut call
+        # Forced calls end with the calls (the model may make several at once), not at
+        # max_tokens; each call is whole JSON, not a cut one.
+        assert message.tool_calls and completion.choices[0].finish_reason == "tool_calls"
         messages.append(message.model_dump(exclude_none=True))
-        messages.append(
-            {"role": "tool", "tool_call_id": call.id, "content": f"sunny in {arguments}"}
-        )
-    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "tool"]
+        for call in message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            messages.append(
+                {"role": "tool", "tool_call_id": call.id, "content": f"sunny in {arguments}"}
+            )
+    roles = [m["role"] for m in messages]
+    assert roles[:3] == ["user", "assistant", "tool"] and roles.count("assistant") == 2
 
 
 def test_instructor_in_tools_mode(client: openai.OpenAI) -> None:
