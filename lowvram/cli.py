@@ -24,13 +24,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, get_args
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsError
 
 from lowvram.engine.errors import EngineError, PlanError
+
+if TYPE_CHECKING:
+    from lowvram.engine.hardware import Hardware
 from lowvram.engine.handle import EngineHandle
 from lowvram.engine.replicas import Replicas
 from lowvram.engine.settings import EngineSettings
@@ -374,10 +377,15 @@ def plan(args: argparse.Namespace) -> int:
     from lowvram.engine.vllm.model import load_model_facts
 
     settings = settings_from(EngineSettings, args, PLAN_FLAGS)
+    if "=" in args.model:  # name=model,name2=model2: several models, one awake
+        several = settings.model_dump(exclude_unset=True) | {"models": args.model}
+        settings = load_settings(EngineSettings, **several)
     hardware = detect_hardware(settings)
     if hardware.gpu is None:
         raise PlanError("no NVIDIA GPU found here: pass --gpu-memory (e.g. 24GiB) to plan for one")
     missing = missing_plugin(settings.command)
+    if settings.models:
+        return _plan_several(settings, hardware, missing, as_json=args.json)
     deployment = plan_deployment(
         load_model_facts(args.model), hardware, settings, plugin_missing=missing
     )
@@ -393,6 +401,35 @@ def plan(args: argparse.Namespace) -> int:
         print(json.dumps(result.model_dump(mode="json") | extra, indent=2))
     else:
         print(deployment.explain())
+    return 0
+
+
+def _plan_several(
+    settings: EngineSettings, hardware: Hardware, missing: str | None, *, as_json: bool
+) -> int:
+    """Every model's plan, each for the budget less the others asleep, and the sleep level."""
+    import json
+
+    from lowvram.engine.factory import vllm_models
+    from lowvram.engine.vllm.backend import VllmBackend
+    from lowvram.engine.vllm.several import explain_sleep, sleep_level
+    from lowvram.engine.vllm.sleep import SLEEP_ENV, sleep_args
+
+    backends, names = vllm_models(settings, hardware, missing)
+    engines = [b for b in backends if isinstance(b, VllmBackend)]
+    level = settings.sleep_level or sleep_level([b.plan for b in engines], hardware)
+    if as_json:
+        plans = {
+            name: b.plan.model_dump(mode="json")
+            | {"argv": [*b.plan.to_argv(), *sleep_args(name)], "env": b.plan.to_env() | SLEEP_ENV}
+            for name, b in zip(names, engines, strict=True)
+        }
+        print(json.dumps({"models": plans, "sleep_level": level}, indent=2))
+        return 0
+    print(explain_sleep(level, len(names)))
+    for name, backend in zip(names, engines, strict=True):
+        print(f"\n{name}:\n" + backend.deployment.explain())
+        print(f"  and: {' '.join(sleep_args(name))} VLLM_SERVER_DEV_MODE=1")
     return 0
 
 

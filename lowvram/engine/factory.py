@@ -4,7 +4,8 @@
 
 One engine is one `Supervisor` (ENGINE_MODELS on llama.cpp: one router serving them all);
 several (ENGINE_REPLICAS, or the vLLM planner's choice on several GPUs) are a `Replicas`
-pool of them, each with its own log file. Everything
+pool of them, each with its own log file; ENGINE_MODELS on vLLM is a `SwapPool` of an
+engine per model, one awake at a time. Everything
 that can fail before the engines run (no GPU, no model, no plan that fits) fails here,
 before the gateway listens.
 """
@@ -16,12 +17,14 @@ from collections.abc import Sequence
 from typing import Literal
 
 from lowvram.engine.backend import Backend
-from lowvram.engine.errors import SetupError
+from lowvram.engine.errors import PlanError, SetupError
 from lowvram.engine.handle import EngineHandle
 from lowvram.engine.hardware import Hardware, detect_hardware
 from lowvram.engine.replicas import Replicas
 from lowvram.engine.settings import EngineSettings
 from lowvram.engine.supervisor import Supervisor
+from lowvram.engine.swap import SwapPolicy
+from lowvram.engine.units import gib
 
 DEFAULT_VLLM_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
@@ -38,11 +41,6 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
     """One backend per engine to run, and the engines' names (for logs, /ready, /metrics)."""
     hardware = detect_hardware(settings)
     if choose_backend(settings, hardware) == "vllm":
-        if settings.models:
-            raise SetupError(
-                "ENGINE_MODELS runs on llama.cpp for now (ENGINE_BACKEND=llamacpp); with vLLM, "
-                "serve one model per gateway (ENGINE_MODEL)"
-            )
         if hardware.gpu is None:
             raise SetupError(
                 "vLLM needs an NVIDIA GPU and none was found "
@@ -53,8 +51,10 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
         from lowvram.engine.vllm.environment import missing_plugin
         from lowvram.engine.vllm.model import load_model_facts
 
-        model = load_model_facts(settings.model or DEFAULT_VLLM_MODEL)
         missing = missing_plugin(settings.command)
+        if settings.models:
+            return vllm_models(settings, hardware, missing)
+        model = load_model_facts(settings.model or DEFAULT_VLLM_MODEL)
         deployment = plan_deployment(model, hardware, settings, plugin_missing=missing)
         backends: list[Backend] = [
             VllmBackend(model, hardware, settings, deployment=deployment, replica=i)
@@ -76,8 +76,57 @@ def build_backends(settings: EngineSettings) -> tuple[list[Backend], list[str]]:
     ]
 
 
+def vllm_models(
+    settings: EngineSettings, hardware: Hardware, plugin_missing: str | None
+) -> tuple[list[Backend], list[str]]:
+    """ENGINE_MODELS on vLLM: an engine per model with sleep mode, each planned for the
+    budget less what the sleeping others keep (vllm/several.py)."""
+    from lowvram.engine.vllm.backend import VllmBackend
+    from lowvram.engine.vllm.deployment import plan_deployment
+    from lowvram.engine.vllm.memory import HOST_RESERVE
+    from lowvram.engine.vllm.model import load_model_facts
+    from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each
+
+    if (settings.replicas or 1) > 1 or (settings.gpus or 1) > 1:
+        raise SetupError("ENGINE_MODELS on vLLM runs on one GPU: leave ENGINE_REPLICAS unset")
+    each = budget_each(settings, hardware, len(settings.models))
+    engines: list[VllmBackend] = []
+    for name, source in settings.models.items():
+        alone = settings.model_copy(update={"model": source, "models": {}, "vram": each})
+        model = load_model_facts(source)
+        try:
+            deployment = plan_deployment(model, hardware, alone, plugin_missing=plugin_missing)
+        except PlanError as exc:
+            asleep = (len(settings.models) - 1) * SLEEPING_RESIDUAL
+            raise PlanError(
+                f"{name}: {exc} (the other models, asleep, keep {gib(asleep)} of the budget)"
+            ) from exc
+        engines.append(VllmBackend(model, hardware, alone, deployment=deployment, served_name=name))
+    # Every engine's offloaded weights stay in host memory, asleep or not.
+    names = list(settings.models)
+    offloaded = [(n, e.plan.host_offload_bytes) for n, e in zip(names, engines, strict=True)]
+    room = hardware.host.available_bytes - HOST_RESERVE
+    if sum(size for _, size in offloaded) > room:
+        listed = ", ".join(f"{n} {gib(size)}" for n, size in offloaded if size)
+        raise PlanError(
+            f"the models' weights in host memory add up to more than the host has free "
+            f"({listed}; {gib(room)} available beside {gib(HOST_RESERVE)} kept): raise "
+            "ENGINE_VRAM so that less is offloaded, or serve fewer models"
+        )
+    return list(engines), names
+
+
 def build_engine(settings: EngineSettings) -> EngineHandle | Replicas:
     backends, names = build_backends(settings)
+    if settings.models and len(backends) > 1:
+        from lowvram.engine.vllm.backend import VllmBackend
+        from lowvram.engine.vllm.several import SwapPool, sleep_level
+
+        plans = [b.plan for b in backends if isinstance(b, VllmBackend)]
+        level = settings.sleep_level or sleep_level(plans, detect_hardware(settings))
+        policy = SwapPolicy(settings.swap_min_awake, settings.swap_drain_seconds)
+        members = supervise_each(backends, names, settings)
+        return SwapPool(members, names, level, policy, settings.ready_timeout)
     if len(backends) == 1:
         return Supervisor(backends[0], settings)
     return Replicas(supervise_each(backends, names, settings), names)

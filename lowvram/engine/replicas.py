@@ -92,6 +92,7 @@ class Lease:
         """The member was taken out (or stopped being ready) while this request waited."""
         self._on_lost: Callable[[], None] | None = None
         self._released = False
+        self._after_release: list[Callable[[], None]] = []
 
     def received(self) -> None:
         """The first byte of the answer arrived: the request no longer waits on the member."""
@@ -110,6 +111,12 @@ class Lease:
         if not self._released:
             self._released = True
             self._pool._released(self, self._judged(outcome))
+            for callback in self._after_release:
+                callback()
+
+    def after_release(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the lease is released (what else the request held)."""
+        self._after_release.append(callback)
 
     def _judged(self, outcome: Outcome | None) -> Outcome | None:
         """A first byte far too late makes a slow member, whether the client waited for it
@@ -141,6 +148,11 @@ class _Health:
     leases: set[Lease] = field(default_factory=set)
 
 
+def _serves(member: EngineHandle, model: str) -> bool:
+    """Whether `member` serves `model`; a member that lists none (not ready) serves none."""
+    return any(m.id == model for m in member.models)
+
+
 class Replicas(StateMixin):
     def __init__(self, members: Sequence[EngineHandle], names: Sequence[str] = ()) -> None:
         super().__init__()
@@ -170,17 +182,17 @@ class Replicas(StateMixin):
 
     @property
     def models(self) -> tuple[ServedModel, ...]:
-        """The ready members' models, each with their sequences added up (the gateway's
-        in-flight bound); in the order the first ready member lists them."""
-        ready = [m.models for m in self.members if m.state is EngineState.READY and m.models]
-        if not ready:
-            return ()
-        merged = []
-        for first in ready[0]:
-            batches = [m.max_batch for models in ready for m in models if m.id == first.id]
-            total = sum(b for b in batches if b) if all(batches) else None
-            merged.append(replace(first, max_batch=total))
-        return tuple(merged)
+        """The ready members' models, in the members' order, each with its sequences added
+        up over the members serving it (the gateway's in-flight bound)."""
+        ready = [m.models for m in self.members if m.state is EngineState.READY]
+        merged: dict[str, ServedModel] = {}
+        for models in ready:
+            for model in models:
+                if model.id not in merged:
+                    batches = [m.max_batch for ms in ready for m in ms if m.id == model.id]
+                    total = sum(b for b in batches if b) if all(batches) else None
+                    merged[model.id] = replace(model, max_batch=total)
+        return tuple(merged.values())
 
     async def start(self) -> None:
         for member in self.members:
@@ -198,11 +210,13 @@ class Replicas(StateMixin):
         attempt: Callable[[Lease], Awaitable[T]],
         *,
         first_byte_within: float | None = None,
+        model: str | None = None,
     ) -> tuple[Lease, T]:
-        """Run `attempt` on a member; on `Unreached`, on the next one, until none is left
-        (then `Unreached` with the last cause). Any other error is the request's own: the
-        lease stays with the caller, who releases it with the request's outcome."""
-        tried: list[EngineHandle] = []
+        """Run `attempt` on a member serving `model` (any, without); on `Unreached`, on the
+        next one, until none is left (then `Unreached` with the last cause). Any other error
+        is the request's own: the lease stays with the caller, who releases it with the
+        request's outcome."""
+        tried = [m for m in self.members if model is not None and not _serves(m, model)]
         cause: Exception | None = None
         while (lease := self.pick(affinity, tried, first_byte_within)) is not None:
             try:

@@ -35,12 +35,21 @@ class EngineSettings(BaseSettings):
     model: str | None = None
     """vLLM: HF directory or Hub id. llama.cpp: GGUF path or owner/repo:file.gguf."""
     models: Annotated[dict[str, str], NoDecode] = {}
-    """Several models on one port, as name=model,name2=model2 (llama.cpp: GGUF paths or
-    owner/repo:file.gguf); clients pick one by name, the first is the default. Instead of
-    ENGINE_MODEL."""
+    """Several models on one port, as name=model,name2=model2 (vLLM: HF directories or Hub
+    ids; llama.cpp: GGUF paths or owner/repo:file.gguf); clients pick one by name, the
+    first is the default. Instead of ENGINE_MODEL."""
     models_loaded: int | None = Field(None, ge=1)
-    """With ENGINE_MODELS: how many stay loaded at once (a request for another stops the
-    least recently used); default: as many as RAM holds."""
+    """With ENGINE_MODELS on llama.cpp: how many stay loaded at once (a request for another
+    stops the least recently used); default: as many as RAM holds."""
+    sleep_level: Literal[1, 2] | None = None
+    """With ENGINE_MODELS on vLLM: 1 keeps a sleeping model's weights in host memory (fast
+    wake), 2 drops them (read again on wake); default: 1 where host memory holds them."""
+    swap_min_awake: float = Field(2.0, ge=0)
+    """With ENGINE_MODELS on vLLM: seconds a woken model keeps taking new requests while
+    requests for another wait (no thrashing)."""
+    swap_drain_seconds: float = Field(30.0, gt=0)
+    """With ENGINE_MODELS on vLLM: seconds a swap waits for the running requests of the
+    model going to sleep; those still running then are ended."""
     vram: ByteSize | None = None
     """VRAM the engine may use, e.g. 6GiB; default: what the GPU has free, less 5%."""
     context: int | None = Field(None, ge=256)

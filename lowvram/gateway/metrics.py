@@ -68,6 +68,18 @@ class Metrics:
             ["model", "state"],
             registry=self.registry,
         )
+        self.model_swaps = Counter(
+            "lowvram_model_swaps",
+            "Swaps between models on one GPU (vLLM's sleep mode), by the model woken.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_swap_seconds = Histogram(
+            "lowvram_model_swap_seconds",
+            "Time from the start of a swap (drain, sleep) to the woken model serving.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.replica_ready = Gauge(
             "lowvram_replica_ready",
             "1 while this engine of the pool is ready.",

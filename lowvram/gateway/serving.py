@@ -24,6 +24,8 @@ from pydantic import BaseModel
 
 from lowvram.engine.handle import EngineState, ServedModel
 from lowvram.engine.replicas import Lease, Replicas, Unreached
+from lowvram.engine.swap import ModelUnavailable
+from lowvram.engine.vllm.several import SwapPool
 from lowvram.gateway.admission import Admission
 from lowvram.gateway.dialects import OLLAMA, Dialect, dialect_for
 from lowvram.gateway.errors import ClientClosed, EngineUnavailable, UpstreamError
@@ -100,6 +102,8 @@ class Gateway:
             self._inflight_limit(), settings.queue_size, settings.queue_timeout
         )
         engine.add_listener(self._on_engine_state)
+        if isinstance(engine, SwapPool):
+            engine.gate.add_listener(self._on_swap)
 
     # --- engine state ------------------------------------------------------------------
 
@@ -110,6 +114,10 @@ class Gateway:
         if model and model.max_batch:
             return model.max_batch
         return DEFAULT_MAX_INFLIGHT * max(1, self.engine.ready_count)
+
+    def _on_swap(self, _: str | None, woken: str, seconds: float) -> None:
+        self.metrics.model_swaps.labels(woken).inc()
+        self.metrics.model_swap_seconds.observe(seconds)
 
     def _on_engine_state(self, state: EngineState) -> None:
         self.metrics.engine_state_changes.labels(state.value).inc()
@@ -244,9 +252,15 @@ class Gateway:
         key = affinity(endpoint, body) if self.engine.pooled else None
         within = self.settings.replica_slow_seconds if exchange.stream else None
         try:
-            _, opened = await self.engine.send(key, attempt, first_byte_within=within)
+            _, opened = await self.engine.send(
+                key, attempt, first_byte_within=within, model=served.id
+            )
         except Unreached as exc:  # every replica refused, or the last went down meanwhile
             raise exc.cause or self._unavailable(self.engine.state) from None
+        except ModelUnavailable as exc:  # its engine asleep and not woken (engine/swap.py)
+            raise EngineUnavailable(
+                f"The model is not serving: {exc}. Retry shortly.", retry_after=ENGINE_RETRY_AFTER
+            ) from None
         return opened
 
     @property

@@ -11,6 +11,12 @@ environment variables (FAKE_STATE_DIR holds a counter, so a cue can apply to a g
     FAKE_NO_PLUGIN=1          ignore LOWVRAM_OFFLOAD_VOCAB (lowvram's plugin not installed)
     FAKE_IGNORE_SIGTERM=1     ignore SIGTERM (the supervisor must SIGKILL)
     FAKE_CHILD=1              start a grandchild process that must die with the group
+    FAKE_WAKE_FAIL=name       /wake_up fails (500) for the engine serving that name
+
+With --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 it serves vLLM's sleep endpoints
+(/sleep, /wake_up, /collective_rpc, /is_sleeping), answers generation with 503 while
+asleep, as vLLM does, and appends each call to FAKE_STATE_DIR/sleep.log ("name sleep 1
+wait", "name wake weights", ...).
 
 It prints the lines vLLM prints once loaded: 'Total CPU offloaded parameters', 'Model
 loading took', 'GPU KV cache size', and lowvram's plugin's lines for what
@@ -28,8 +34,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -66,6 +75,7 @@ def main() -> None:
     parser.add_argument("--cpu-offload-gb", type=float, default=0.0)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=2**30)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--enable-sleep-mode", action="store_true")
     args, _ = parser.parse_known_args()
 
     count = start_number()
@@ -97,7 +107,9 @@ def main() -> None:
     tokens = args.kv_cache_memory_bytes // 57344
     print(f"INFO GPU KV cache size: {tokens:,} tokens", flush=True)
 
-    double = FakeUpstream(api_key=os.environ.get("VLLM_API_KEY"))
+    # Its served name is the fingerprint of its answers: which engine answered.
+    served = args.served_model_name or args.model
+    double = FakeUpstream(api_key=os.environ.get("VLLM_API_KEY"), name=served)
     app = double.app()
 
     async def health(_: Request) -> Response:
@@ -118,10 +130,58 @@ def main() -> None:
             {"data": [{"id": name, "object": "model", "max_model_len": args.max_model_len}]}
         )
 
+    if args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1":
+        add_sleep_mode(app, args.served_model_name or args.model)
     app.router.routes.insert(0, Route("/health", health))
     app.router.routes.insert(0, Route("/_crash", crash, methods=["POST"]))
     app.router.routes.insert(0, Route("/v1/models", models))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def add_sleep_mode(app: Starlette, name: str) -> None:
+    asleep: list[str] = []  # the level while asleep
+    log = Path(os.environ.get("FAKE_STATE_DIR", "."), "sleep.log")
+
+    def record(what: str) -> None:
+        with log.open("a") as file:
+            file.write(f"{name} {what}\n")
+
+    async def sleep(request: Request) -> Response:
+        level = request.query_params.get("level", "1")
+        record(f"sleep {level} {request.query_params.get('mode', 'abort')}")
+        asleep[:] = [level]
+        return Response(status_code=200)
+
+    async def wake_up(request: Request) -> Response:
+        tags = request.query_params.getlist("tags")
+        record("wake " + (",".join(tags) or "all"))
+        if os.environ.get("FAKE_WAKE_FAIL") == name:
+            return JSONResponse({"error": "wake failed"}, status_code=500)
+        if not tags or "kv_cache" in tags:
+            asleep.clear()
+        return Response(status_code=200)
+
+    async def rpc(request: Request) -> Response:
+        record("rpc " + (await request.json())["method"])
+        return JSONResponse({"results": [None]})
+
+    async def is_sleeping(_: Request) -> Response:
+        return JSONResponse({"is_sleeping": bool(asleep)})
+
+    async def refuse_asleep(request: Request, call_next: Any) -> Response:
+        if asleep and request.url.path in ("/v1/chat/completions", "/v1/completions"):
+            return JSONResponse({"error": {"message": "model is sleeping"}}, status_code=503)
+        response: Response = await call_next(request)
+        return response
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=refuse_asleep)
+    for path, handler, method in (
+        ("/sleep", sleep, "POST"),
+        ("/wake_up", wake_up, "POST"),
+        ("/collective_rpc", rpc, "POST"),
+        ("/is_sleeping", is_sleeping, "GET"),
+    ):
+        app.router.routes.insert(0, Route(path, handler, methods=[method]))
 
 
 if __name__ == "__main__":

@@ -114,9 +114,7 @@ def test_the_router_serves_each_model_by_its_name_and_writes_its_presets(
     assert launch.env["LLAMA_API_KEY"] == "secret-key" and "secret-key" not in launch.argv
 
 
-def test_models_with_replicas_or_vllm_are_refused_in_one_line(gguf: Path) -> None:
+def test_models_with_replicas_are_refused_in_one_line(gguf: Path) -> None:
     models = {"chat": str(gguf), "coder": str(gguf)}
     with pytest.raises(SetupError, match="ENGINE_REPLICAS"):
         build_backends(asked(backend="llamacpp", models=models, replicas=2))
-    with pytest.raises(SetupError, match=r"ENGINE_MODELS runs on llama\.cpp"):
-        build_backends(asked(backend="vllm", models=models, gpu_memory=24 * GIB))

@@ -25,6 +25,7 @@ from lowvram.engine.vllm import plugin
 from lowvram.engine.vllm.deployment import Deployment, plan_deployment
 from lowvram.engine.vllm.model import ModelFacts
 from lowvram.engine.vllm.plan import EnginePlan
+from lowvram.engine.vllm.sleep import SLEEP_ENV, sleep_args
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -65,7 +66,10 @@ class VllmBackend:
         replica: int = 0,
         detect_free: Callable[[Sequence[int]], int | None] = _free_now,
         measure_vram: Callable[[int], int | None] = gpu_memory_used,
+        served_name: str | None = None,
     ) -> None:
+        """`served_name`: one of several models on one GPU (ENGINE_MODELS), by the name
+        clients use: its engine starts with vLLM's sleep mode (vllm/several.py)."""
         if hardware.gpu is None:
             raise SetupError("vLLM needs an NVIDIA GPU and none was found")
         self._model = model
@@ -75,6 +79,8 @@ class VllmBackend:
         self._extra_args = shlex.split(settings.extra_args)
         self._detect_free = detect_free
         self._measure_vram = measure_vram
+        self._served_name = served_name
+        self.sleep_mode = served_name is not None
         self.deployment = deployment or plan_deployment(model, hardware, settings)
         if self.deployment.replicas > 1 and not devices_by_index():
             raise SetupError(
@@ -104,10 +110,13 @@ class VllmBackend:
             "--port",
             str(port),
             "--disable-uvicorn-access-log",
+            *(sleep_args(self._served_name) if self._served_name else []),
             *self._extra_args,
         ]
         # The key goes in the environment: a command line is visible to every local user.
         env: dict[str, str | None] = {**self.plan.to_env(), "VLLM_API_KEY": api_key}
+        if self.sleep_mode:
+            env |= SLEEP_ENV
         if devices_by_index():
             # Its GPUs, numbered as NVML and nvidia-smi number them (the planner's numbers).
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -119,7 +128,7 @@ class VllmBackend:
 
     def served_model(self) -> ServedModel:
         return ServedModel(
-            id=self.plan.served_name,
+            id=self._served_name or self.plan.served_name,
             context_length=self.plan.max_model_len,
             max_batch=self.plan.max_num_seqs,
             tokenizer="vllm",
