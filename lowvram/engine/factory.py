@@ -90,6 +90,7 @@ def vllm_models(
     if (settings.replicas or 1) > 1 or (settings.gpus or 1) > 1:
         raise SetupError("ENGINE_MODELS on vLLM runs on one GPU: leave ENGINE_REPLICAS unset")
     each = budget_each(settings, hardware, len(settings.models))
+    asleep = (len(settings.models) - 1) * SLEEPING_RESIDUAL  # the others, while one runs
     engines: list[VllmBackend] = []
     for name, source in settings.models.items():
         alone = settings.model_copy(update={"model": source, "models": {}, "vram": each})
@@ -97,11 +98,13 @@ def vllm_models(
         try:
             deployment = plan_deployment(model, hardware, alone, plugin_missing=plugin_missing)
         except PlanError as exc:
-            asleep = (len(settings.models) - 1) * SLEEPING_RESIDUAL
             raise PlanError(
                 f"{name}: {exc} (the other models, asleep, keep {gib(asleep)} of the budget)"
             ) from exc
-        engines.append(VllmBackend(model, hardware, alone, deployment=deployment, served_name=name))
+        engine = VllmBackend(
+            model, hardware, alone, deployment=deployment, served_name=name, shared_bytes=asleep
+        )
+        engines.append(engine)
     # Every engine's offloaded weights stay in host memory, asleep or not.
     names = list(settings.models)
     offloaded = [(n, e.plan.host_offload_bytes) for n, e in zip(names, engines, strict=True)]

@@ -21,6 +21,7 @@ from lowvram.engine.factory import build_backends
 from lowvram.engine.hardware import Hardware, HostFacts
 from lowvram.engine.units import GiB
 from lowvram.engine.vllm.backend import VllmBackend
+from lowvram.engine.vllm.model import load_model_facts
 from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each, sleep_level
 from tests.helpers import (
     FAKE_ENGINE,
@@ -59,6 +60,29 @@ def test_each_model_is_planned_for_the_budget_less_the_sleeping_others(tmp_path:
     assert launch.env["VLLM_SERVER_DEV_MODE"] == "1"
     with pytest.raises(SetupError, match="one GPU"):
         build_backends(settings.model_copy(update={"replicas": 2}))
+
+
+def test_nvidia_smi_counting_the_sleeping_engines_too_is_not_over_the_budget(
+    tmp_path: Path,
+) -> None:
+    settings = engine_settings(tmp_path, vram=12 * GiB)
+    model = load_model_facts(MODEL)
+
+    def engine(shared: int) -> VllmBackend:
+        # The GPU shows the plan's whole budget in use, plus one sleeping engine's residual.
+        used = 12 * GiB + SLEEPING_RESIDUAL // 2
+        return VllmBackend(
+            model,
+            TEST_MACHINE,
+            settings,
+            served_name="a",
+            shared_bytes=shared,
+            measure_vram=lambda _: used,
+        )
+
+    alone = [p for p in engine(0).verify() if "over the budget" in p]
+    assert alone, "without the others' share this is over"
+    assert not [p for p in engine(SLEEPING_RESIDUAL).verify() if "over the budget" in p]
 
 
 def test_models_whose_sleeping_residuals_leave_no_room_are_refused_naming_them(

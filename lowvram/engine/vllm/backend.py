@@ -67,9 +67,12 @@ class VllmBackend:
         detect_free: Callable[[Sequence[int]], int | None] = _free_now,
         measure_vram: Callable[[int], int | None] = gpu_memory_used,
         served_name: str | None = None,
+        shared_bytes: int = 0,
     ) -> None:
         """`served_name`: one of several models on one GPU (ENGINE_MODELS), by the name
-        clients use: its engine starts with vLLM's sleep mode (vllm/several.py)."""
+        clients use: its engine starts with vLLM's sleep mode (vllm/several.py);
+        `shared_bytes`: what the other engines on its GPU may hold meanwhile (asleep),
+        which nvidia-smi counts with this one's."""
         if hardware.gpu is None:
             raise SetupError("vLLM needs an NVIDIA GPU and none was found")
         self._model = model
@@ -81,6 +84,7 @@ class VllmBackend:
         self._measure_vram = measure_vram
         self._served_name = served_name
         self.sleep_mode = served_name is not None
+        self._shared_bytes = shared_bytes
         self.deployment = deployment or plan_deployment(model, hardware, settings)
         if self.deployment.replicas > 1 and not devices_by_index():
             raise SetupError(
@@ -210,11 +214,12 @@ class VllmBackend:
         self.vram_used = {
             index: used for index in self.gpus if (used := self._measure_vram(index)) is not None
         }
-        over = {i: used for i, used in self.vram_used.items() if used > self.plan.budget}
+        allowed = self.plan.budget + self._shared_bytes
+        over = {i: used for i, used in self.vram_used.items() if used > allowed}
         if over:
             problems.append(
                 "over the budget of "
-                + gib(self.plan.budget)
+                + gib(allowed)
                 + ": "
                 + ", ".join(f"GPU {i} uses {gib(used)}" for i, used in over.items())
                 + " (lower ENGINE_VRAM to leave more room)"
