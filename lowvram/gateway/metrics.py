@@ -80,6 +80,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.swap_wait_seconds = Histogram(
+            "lowvram_swap_wait_seconds",
+            "Time a request waited for its model to be woken (zero when it was awake).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.replica_ready = Gauge(
             "lowvram_replica_ready",
             "1 while this engine of the pool is ready.",

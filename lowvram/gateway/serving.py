@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -240,7 +241,12 @@ class Gateway:
             self.settings.read_timeout if endpoint is not Endpoint.TOKENIZE else TOKENIZE_TIMEOUT,
         )
 
+        asked = time.perf_counter()
+
         async def attempt(lease: Lease) -> tuple[httpx.Response, TokenCounter]:
+            if exchange.lease is None and isinstance(self.engine, SwapPool):
+                # Its first try: from here on nothing waits for a model to be woken.
+                self.metrics.swap_wait_seconds.observe(time.perf_counter() - asked)
             exchange.lease = lease
             counter = TokenCounter(self.client, lease.member, served)
             if endpoint.generates:

@@ -206,6 +206,7 @@ def test_each_model_is_woken_for_its_requests_and_the_other_put_to_sleep(
     assert 'lowvram_model_swaps_total{model="coder"} 1.0' in metrics
     assert 'lowvram_model_swaps_total{model="chat"} 2.0' in metrics  # at start-up too
     assert 'lowvram_model_state{model="coder",state="asleep"} 1.0' in metrics
+    assert "lowvram_swap_wait_seconds_count 5.0" in metrics  # each request's wait, if any
 
 
 def test_a_stream_finishes_before_its_engine_sleeps_for_the_other_model(
