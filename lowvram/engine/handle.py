@@ -75,6 +75,9 @@ class ServedModel:
     """What the model writes to open a tool call (`<tool_call>\n` in Qwen's and Hermes'
     templates), where the engine lets a model write text before a required call (llama.cpp
     does): the gateway prefills it, so that the call comes first, as `required` promises."""
+    tool_call_closer: str | None = None
+    """What closes that call (`</tool_call>`): a forced single call stops there, since the
+    engine's one-call grammar does not hold once the opener is prefilled."""
 
 
 StateListener = Callable[[EngineState], None]

@@ -168,6 +168,18 @@ def _chat_shims(body: dict[str, Any], served: ServedModel) -> None:
         if body["messages"][-1].get("role") != "assistant":
             # The engine continues a final assistant message: the call is opened for it.
             body["messages"] = [*body["messages"], {"role": "assistant", "content": opener}]
+            if body.get("parallel_tool_calls") is False and served.tool_call_closer:
+                # After a prefill llama.cpp's one-call grammar does not hold (a 0.5B then
+                # called 7 cities until max_tokens): one call ends where it closes. Its
+                # parser still takes the call without the closing tag.
+                _add_stop(body, served.tool_call_closer)
+
+
+def _add_stop(body: dict[str, Any], stop: str) -> None:
+    asked = body.get("stop")
+    stops = [asked] if isinstance(asked, str) else list(asked or [])
+    if stop not in stops:
+        body["stop"] = [*stops, stop]
 
 
 def check_tool_history(body: dict[str, Any]) -> None:

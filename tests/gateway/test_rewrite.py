@@ -223,6 +223,7 @@ LLAMACPP = ServedModel(
     named_tool_choice=False,
     seed_needs_fresh_prompt=True,
     tool_call_opener="<tool_call>\n",
+    tool_call_closer="</tool_call>",
 )
 UNKNOWN = ServedModel("m", 4096)
 TOOLS = [
@@ -299,6 +300,19 @@ def test_a_required_call_is_opened_for_the_model_but_auto_is_not() -> None:
     auto = chat_body(tools=TOOLS, tool_choice="auto")
     apply_shims(Endpoint.CHAT, auto, LLAMACPP)
     assert len(auto["messages"]) == 1
+
+
+def test_a_prefilled_single_call_stops_where_the_call_closes() -> None:
+    # After the opener's prefill llama.cpp no longer holds the model to one call.
+    one = chat_body(tools=TOOLS, tool_choice="required", stop="END")
+    apply_shims(Endpoint.CHAT, one, LLAMACPP)
+    assert one["stop"] == ["END", "</tool_call>"]
+    several = chat_body(tools=TOOLS, tool_choice="required", parallel_tool_calls=True)
+    apply_shims(Endpoint.CHAT, several, LLAMACPP)
+    assert "stop" not in several
+    unopened = chat_body(tools=TOOLS, tool_choice="required")
+    apply_shims(Endpoint.CHAT, unopened, UNKNOWN)  # vLLM's grammar holds: no stop needed
+    assert "stop" not in unopened
 
 
 def test_a_seed_asks_llama_cpp_to_recompute_the_prompt() -> None:

@@ -43,6 +43,7 @@ def served_model(name: str, plan: LlamaCppPlan) -> ServedModel:
         named_tool_choice=False,
         seed_needs_fresh_prompt=True,
         tool_call_opener=plan.tool_call_opener,
+        tool_call_closer=plan.tool_call_closer,
         details=plan.details,
     )
 

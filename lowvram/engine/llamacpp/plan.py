@@ -61,6 +61,8 @@ class LlamaCppPlan:
     reasons: tuple[str, ...]
     tool_call_opener: str | None = None
     """How the model's chat template opens a tool call, if it marks one."""
+    tool_call_closer: str | None = None
+    """And how it closes one."""
     details: ModelDetails | None = None
     """What the GGUF says it is (for Ollama's model listing)."""
 
@@ -122,7 +124,8 @@ def plan_llamacpp(
     if parallel < (settings.concurrency or DEFAULT_PARALLEL):
         reasons.append(f"only {parallel} sequences fit in the RAM available")
     template = metadata.get("tokenizer.chat_template")
-    opener = "<tool_call>\n" if isinstance(template, str) and "<tool_call>" in template else None
+    marks_calls = isinstance(template, str) and "<tool_call>" in template
+    opener, closer = ("<tool_call>\n", "</tool_call>") if marks_calls else (None, None)
     return LlamaCppPlan(
         model=model,
         context=context,
@@ -132,6 +135,7 @@ def plan_llamacpp(
         kv_bytes=parallel * context * per_token,
         reasons=tuple(reasons),
         tool_call_opener=opener,
+        tool_call_closer=closer,
         details=ModelDetails(
             format="gguf",
             family=arch,
