@@ -124,6 +124,39 @@ def test_batches_alternating_between_models_swap_once_per_change_and_states_foll
     assert 'lowvram_model_state{model="chat",state="unloaded"} 1.0' in metrics
 
 
+def test_concurrent_requests_for_both_models_streamed_or_not_are_all_answered(
+    served: ServeProcess,
+) -> None:
+    """With one loaded at a time, requests for both at once: every one is answered whole,
+    none reset, though each model's turn needs a swap."""
+    bodies = [
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 8,
+            "stream": stream,
+        }
+        for model in ("chat", "coder")
+        for stream in (True, False)
+    ] * 2
+
+    def send(body: dict[str, object]) -> tuple[int, str]:
+        answer = httpx.post(
+            served.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=180
+        )
+        return answer.status_code, answer.text
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(send, bodies))
+    for body, (status, text) in zip(bodies, answers, strict=True):
+        assert status == 200, text
+        if body["stream"]:
+            events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and "error" not in json.loads(events[-2])
+        else:
+            assert json.loads(text)["model"] == body["model"]
+
+
 def test_a_stream_finishes_while_a_request_for_the_other_model_waits(
     served: ServeProcess,
 ) -> None:
