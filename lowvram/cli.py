@@ -470,7 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     keys_parser.set_defaults(func=keys)
 
     plan_parser = commands.add_parser("plan", help="print the engine plan for a model and a budget")
-    plan_parser.add_argument("model", help="HF directory (config.json is enough) or Hub id")
+    plan_parser.add_argument(
+        "model",
+        help="HF directory (config.json is enough) or Hub id; name=model,name2=model2 plans "
+        "several models on one GPU, one awake at a time",
+    )
     add_setting_flags(plan_parser, PLAN_FLAGS)
     plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_parser.set_defaults(func=plan)
