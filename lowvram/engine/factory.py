@@ -13,11 +13,12 @@ before the gateway listens.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
 from lowvram.engine.backend import Backend
-from lowvram.engine.errors import PlanError, SetupError
+from lowvram.engine.errors import ModelError, PlanError, SetupError
 from lowvram.engine.handle import EngineHandle
 from lowvram.engine.hardware import Hardware, detect_hardware
 from lowvram.engine.replicas import Replicas
@@ -27,6 +28,8 @@ from lowvram.engine.swap import SwapPolicy
 from lowvram.engine.units import gib
 
 DEFAULT_VLLM_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+
+logger = logging.getLogger(__name__)
 
 
 def choose_backend(settings: EngineSettings, hardware: Hardware) -> Literal["vllm", "llamacpp"]:
@@ -84,17 +87,26 @@ def vllm_models(
     from lowvram.engine.vllm.backend import VllmBackend
     from lowvram.engine.vllm.deployment import plan_deployment
     from lowvram.engine.vllm.memory import HOST_RESERVE
-    from lowvram.engine.vllm.model import load_model_facts
+    from lowvram.engine.vllm.model import ModelFacts, load_model_facts
     from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each
 
     if (settings.replicas or 1) > 1 or (settings.gpus or 1) > 1:
         raise SetupError("ENGINE_MODELS on vLLM runs on one GPU: leave ENGINE_REPLICAS unset")
-    each = budget_each(settings, hardware, len(settings.models))
-    asleep = (len(settings.models) - 1) * SLEEPING_RESIDUAL  # the others, while one runs
-    engines: list[VllmBackend] = []
+    # A model that cannot be found is left out, said on its own; the others serve.
+    found: dict[str, ModelFacts] = {}
     for name, source in settings.models.items():
+        try:
+            found[name] = load_model_facts(source)
+        except ModelError as exc:
+            logger.warning("model %s left out: %s", name, exc)
+    if not found:
+        raise ModelError("none of ENGINE_MODELS could be found (the log says why for each)")
+    each = budget_each(settings, hardware, len(found))
+    asleep = (len(found) - 1) * SLEEPING_RESIDUAL  # the others, while one runs
+    engines: list[VllmBackend] = []
+    for name, model in found.items():
+        source = settings.models[name]
         alone = settings.model_copy(update={"model": source, "models": {}, "vram": each})
-        model = load_model_facts(source)
         try:
             deployment = plan_deployment(model, hardware, alone, plugin_missing=plugin_missing)
         except PlanError as exc:
@@ -106,7 +118,7 @@ def vllm_models(
         )
         engines.append(engine)
     # Every engine's offloaded weights stay in host memory, asleep or not.
-    names = list(settings.models)
+    names = list(found)
     offloaded = [(n, e.plan.host_offload_bytes) for n, e in zip(names, engines, strict=True)]
     room = hardware.host.available_bytes - HOST_RESERVE
     if sum(size for _, size in offloaded) > room:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lowvram.cli import main
-from lowvram.engine.errors import PlanError, SetupError
+from lowvram.engine.errors import ModelError, PlanError, SetupError
 from lowvram.engine.factory import build_backends
 from lowvram.engine.hardware import Hardware, HostFacts
 from lowvram.engine.units import GiB
@@ -60,6 +60,25 @@ def test_each_model_is_planned_for_the_budget_less_the_sleeping_others(tmp_path:
     assert launch.env["VLLM_SERVER_DEV_MODE"] == "1"
     with pytest.raises(SetupError, match="one GPU"):
         build_backends(settings.model_copy(update={"replicas": 2}))
+
+
+def test_a_model_that_cannot_be_found_is_left_out_and_the_others_serve(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = {"chat": MODEL, "gone": str(tmp_path / "no-such-model"), "coder": MODEL}
+    settings = engine_settings(tmp_path, backend="vllm", models=models, vram=16 * GiB)
+    settings = settings.model_copy(update={"gpu_memory": 24 * GiB})
+    backends, names = build_backends(settings)
+    assert names == ["chat", "coder"]
+    assert "model gone left out: no such directory" in caplog.text
+    # Planned for the two that run: one other asleep, not two.
+    assert all(
+        isinstance(b, VllmBackend) and b.plan.budget == 16 * GiB - SLEEPING_RESIDUAL
+        for b in backends
+    )
+    nothing = {"a": str(tmp_path / "x"), "b": str(tmp_path / "y")}
+    with pytest.raises(ModelError, match="none of ENGINE_MODELS could be found"):
+        build_backends(settings.model_copy(update={"models": nothing}))
 
 
 def test_nvidia_smi_counting_the_sleeping_engines_too_is_not_over_the_budget(
