@@ -220,6 +220,8 @@ def test_each_model_is_woken_for_its_requests_and_the_other_put_to_sleep(
     ]
     ready = httpx.get(served.url + "/ready", timeout=10).json()
     assert ready["status"] == "ready" and ready["models"] == {"chat": "awake", "coder": "asleep"}
+    running = httpx.get(served.url + "/api/ps", headers=AUTH, timeout=10).json()["models"]
+    assert [m["name"] for m in running] == ["chat"]  # Ollama's "in memory": the awake one
     admin = {"Authorization": f"Bearer {ADMIN}"}
     metrics = httpx.get(served.url + "/metrics", headers=admin, timeout=10).text
     assert 'lowvram_model_swaps_total{model="coder"} 1.0' in metrics

@@ -83,10 +83,14 @@ async def tags(request: Request, key: ClientKey) -> dict[str, Any]:
     return {"models": [_entry(name, served) for name, served in _gateway(request).model_ids(key)]}
 
 
+RUNNING = ("loaded", "awake")
+"""States of a model in memory: llama.cpp's router's, and the awake one of vLLM's engines."""
+
+
 @router.get("/api/ps")
 async def running(request: Request, key: ClientKey) -> dict[str, Any]:
-    """The models loaded now: every one for one engine per model, the loaded ones where an
-    engine serves several and says which (llama.cpp's router)."""
+    """The models loaded now: every one for one engine per model; where several share the
+    machine, the ones in memory (llama.cpp's router) or awake (vLLM's sleep mode)."""
     gateway = _gateway(request)
     states = await model_states(gateway.client, gateway.engine)
     models = [
@@ -94,7 +98,7 @@ async def running(request: Request, key: ClientKey) -> dict[str, Any]:
         | {"expires_at": "9999-12-31T23:59:59Z", "size_vram": 0}
         | {"context_length": served.context_length}
         for name, served in gateway.model_ids(key)
-        if name == served.id and states.get(served.id, "loaded") == "loaded"
+        if name == served.id and states.get(served.id, "loaded") in RUNNING
     ]
     return {"models": models}
 
