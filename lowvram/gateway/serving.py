@@ -29,7 +29,7 @@ from lowvram.engine.swap import ModelUnavailable
 from lowvram.engine.vllm.several import SwapPool
 from lowvram.gateway.admission import Admission
 from lowvram.gateway.dialects import OLLAMA, Dialect, dialect_for
-from lowvram.gateway.errors import ClientClosed, EngineUnavailable, UpstreamError
+from lowvram.gateway.errors import ClientClosed, EngineUnavailable, ModelNotFound, UpstreamError
 from lowvram.gateway.exchange import Endpoint, Exchange
 from lowvram.gateway.keystore import KeyRecord, UsageLog
 from lowvram.gateway.limits import KeyLimiter
@@ -161,6 +161,20 @@ class Gateway:
             ]
         return named
 
+    def _check_not_down(self, name: object, key: KeyRecord) -> None:
+        """A model that is configured but whose engine is down is a 503 saying so, not a
+        404 (several models on one GPU: each engine fails on its own)."""
+        if not isinstance(self.engine, SwapPool) or not isinstance(name, str):
+            return
+        down = dict(zip(self.engine.names, self.engine.members, strict=True)).get(name)
+        if down is None or down.state is EngineState.READY or not key_may_use(key, name, name):
+            return
+        coming = down.state in (EngineState.STARTING, EngineState.RESTARTING)
+        raise EngineUnavailable(
+            f"The model '{name}' is not serving: {down.reason}.",
+            retry_after=ENGINE_RETRY_AFTER if coming else None,
+        )
+
     # --- requests ----------------------------------------------------------------------
 
     async def handle(
@@ -186,13 +200,17 @@ class Gateway:
             if endpoint in OLLAMA:
                 validate(_SCHEMAS[engine], body)
             stream = exchange.stream = engine.generates and body.get("stream") is True
-            served = resolve_model(
-                body.get("model"),
-                self.served_models(),
-                self.settings.model_aliases,
-                key,
-                ollama_names=dialect.ollama_names,
-            )
+            try:
+                served = resolve_model(
+                    body.get("model"),
+                    self.served_models(),
+                    self.settings.model_aliases,
+                    key,
+                    ollama_names=dialect.ollama_names,
+                )
+            except ModelNotFound:
+                self._check_not_down(body.get("model"), key)
+                raise
             exchange.model = body["model"] = served.id
             if endpoint is Endpoint.RESPONSES:
                 check_engine_can(endpoint, asked, served)  # naming the client's fields

@@ -12,6 +12,7 @@ environment variables (FAKE_STATE_DIR holds a counter, so a cue can apply to a g
     FAKE_IGNORE_SIGTERM=1     ignore SIGTERM (the supervisor must SIGKILL)
     FAKE_CHILD=1              start a grandchild process that must die with the group
     FAKE_WAKE_FAIL=name       /wake_up fails (500) for the engine serving that name
+    FAKE_FAIL_NAME=name       the engine serving that name fails every start
 
 With --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 it serves vLLM's sleep endpoints
 (/sleep, /wake_up, /collective_rpc, /is_sleeping), answers generation with 503 while
@@ -93,6 +94,9 @@ def main() -> None:
     ):
         print(line, flush=True)
     time.sleep(float(os.environ.get("FAKE_START_DELAY", "0")))
+    if os.environ.get("FAKE_FAIL_NAME") in (args.served_model_name, args.model):
+        print(FAILURE_LINES["weird"], flush=True)
+        sys.exit(1)
     kind, _, starts = os.environ.get("FAKE_FAIL_STARTS", "").partition(":")
     if kind and count <= int(starts or 1):
         print(FAILURE_LINES[kind], flush=True)

@@ -178,7 +178,7 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServeProc
     extra = getattr(request, "param", {})
     with lowvram_serve(tmp_path, serve_env(tmp_path, **extra), ready_timeout=60) as process:
         engines = child_processes(process.process.pid, [b"tests.doubles.fake_engine"])
-        assert len(engines) == 2
+        assert len(engines) == (1 if "FAKE_FAIL_NAME" in extra else 2)
         yield process
     wait_for(lambda: not any(alive(pid) for pid in engines), 30, "both engines stopped")
 
@@ -260,3 +260,17 @@ def test_a_model_that_cannot_be_woken_is_a_503_and_the_other_serves_again(
     again = ask(served.url, "chat")
     assert again.status_code == 200, again.text
     assert calls(served)[-3:] == ["chat sleep 1 wait", "coder wake all", "chat wake all"]
+
+
+@pytest.mark.parametrize("served", [{"FAKE_FAIL_NAME": "coder"}], indirect=True)
+def test_a_model_whose_engine_cannot_start_is_reported_on_its_own_and_the_other_serves(
+    served: ServeProcess,
+) -> None:
+    ready = httpx.get(served.url + "/ready", timeout=10).json()
+    assert ready["status"] == "ready" and ready["models"] == {"chat": "awake", "coder": "failed"}
+    assert ask(served.url, "chat").status_code == 200
+    refused = ask(served.url, "coder")
+    assert refused.status_code == 503, refused.text  # configured, down: not a 404
+    error = refused.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"].startswith("The model 'coder' is not serving: the engine failed")

@@ -33,7 +33,7 @@ from lowvram.engine.swap import ModelUnavailable, SwapGate, SwapPolicy
 from lowvram.engine.units import MiB, gib
 from lowvram.engine.vllm.memory import HOST_RESERVE
 from lowvram.engine.vllm.plan import EnginePlan
-from lowvram.engine.vllm.sleep import SleepLevel, VllmSleeper
+from lowvram.engine.vllm.sleep import SleepError, SleepLevel, VllmSleeper
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,21 @@ class SwapPool(Replicas):
         """One engine after another, each asleep once ready; then the default woken."""
         for name, member in zip(self.names, self.supervisors, strict=True):
             await member.start()
-            state = await member.wait_for(
-                EngineState.READY, EngineState.FAILED, timeout=self._ready_timeout
-            )
-            if state is EngineState.READY:
+            try:
+                # Its supervisor gives up on its own (restarts, re-plans: each start bounded);
+                # this bound is only a backstop.
+                await member.wait_for(
+                    EngineState.READY, EngineState.FAILED, timeout=4 * self._ready_timeout
+                )
+            except TimeoutError:
+                pass
+            if member.state is not EngineState.READY:  # reported on its own; others serve
+                logger.warning("%s did not start: %s", name, member.detail or member.reason)
+                continue
+            try:
                 await self.sleeper.sleep(name, abort=False)
-            else:  # reported on its own; the others serve
-                logger.warning("%s did not start: %s", name, member.detail)
+            except SleepError as exc:  # awake, it holds the memory the next one needs
+                logger.warning("%s could not be put to sleep: %s", name, exc)
         first = next((n for n, m in zip(self.names, self.members, strict=True) if m.models), None)
         if first is not None:
             try:
