@@ -10,6 +10,7 @@ import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -202,3 +203,26 @@ def test_a_model_server_killed_is_started_again_by_its_next_request(
     assert answered.status_code == 200, answered.text
     assert ask(served.url, "coder").status_code == 200
     assert httpx.get(served.url + "/ready", timeout=5).json()["status"] == "ready"
+
+
+def test_a_model_that_fails_to_load_is_reported_on_its_own_and_the_other_serves(
+    tmp_path: Path,
+) -> None:
+    gguf = resolve_gguf(None, EngineSettings(_env_file=None).models_dir).path  # type: ignore[call-arg]
+    broken = tmp_path / "broken.gguf"  # its header is whole (it plans), its tensors are not
+    with gguf.open("rb") as source:
+        broken.write_bytes(source.read(100_000_000))
+    env = {
+        "GATEWAY_API_KEYS": KEY,
+        "ENGINE_BACKEND": "llamacpp",
+        "ENGINE_MODELS": f"chat={gguf},broken={broken}",
+        "ENGINE_CONTEXT": "2048",
+    }
+    with lowvram_serve(tmp_path, env, ready_timeout=600) as served:
+        failed = ask(served.url, "broken")
+        assert failed.status_code >= 500 and "failed to load" in failed.json()["error"]["message"]
+        assert state(served, "broken") == "failed"
+        assert ask(served.url, "chat").status_code == 200
+        assert state(served, "chat") == "loaded"
+        engines = child_processes(served.process.pid, [b"llama-server"]) + model_servers(served)
+    wait_for(lambda: not any(alive(pid) for pid in engines), 30, "every llama-server gone")
