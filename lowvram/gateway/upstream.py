@@ -122,9 +122,17 @@ def engine_error(
         # Pydantic-style engines answer 422 where OpenAI answers 400; an engine's 404 is a
         # route or model it does not serve, which the client reached through a route we do.
         return (400 if status in (404, 422) else status), body
+    if status >= 500 and _NOT_LOADED in text:  # llama.cpp's router: this model, not all
+        body = error_body(
+            f"The model is not serving: {text}.", "server_error", None, "engine_unavailable"
+        )
+        return 503, body
     return 502, error_body(f"The engine failed: {text}", "server_error", None, "upstream_error")
 
 
+_NOT_LOADED = "failed to load"
+"""What llama.cpp's router answers for a model whose server could not start: that model is
+unavailable (a 503, like a vLLM engine that is down), the engine itself is fine."""
 _PATH = re.compile(r"(?:/[\w.+-]+){2,}")
 _CLIENT_FAULTS = ("Failed to parse tool call arguments", "Failed to parse messages")
 """What engines answer with a 500 about a request they could not read."""

@@ -48,6 +48,14 @@ ENGINE_SAID = json.dumps(
             "invalid_request_error",
             "Failed to parse tool call arguments",
         ),
+        # llama.cpp's router: one model's server could not start; that model is down.
+        (
+            500,
+            b'{"error": {"code": 500, "message": "model name=coder failed to load"}}',
+            503,
+            "server_error",
+            "The model is not serving: model name=coder failed to load",
+        ),
     ],
 )
 def test_engine_refusals(
