@@ -89,6 +89,7 @@ def vllm_models(
     from lowvram.engine.vllm.memory import HOST_RESERVE
     from lowvram.engine.vllm.model import ModelFacts, load_model_facts
     from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each
+    from lowvram.engine.vllm.sleep import SharedGpu
 
     if (settings.replicas or 1) > 1 or (settings.gpus or 1) > 1:
         raise SetupError("ENGINE_MODELS on vLLM runs on one GPU: leave ENGINE_REPLICAS unset")
@@ -113,10 +114,8 @@ def vllm_models(
             raise PlanError(
                 f"{name}: {exc} (the other models, asleep, keep {gib(asleep)} of the budget)"
             ) from exc
-        engine = VllmBackend(
-            model, hardware, alone, deployment=deployment, served_name=name, shared_bytes=asleep
-        )
-        engines.append(engine)
+        shared = SharedGpu(served_name=name, others_bytes=asleep)
+        engines.append(VllmBackend(model, hardware, alone, deployment=deployment, shared=shared))
     # Every engine's offloaded weights stay in host memory, asleep or not.
     names = list(found)
     offloaded = [(n, e.plan.host_offload_bytes) for n, e in zip(names, engines, strict=True)]

@@ -23,6 +23,7 @@ from lowvram.engine.units import GiB
 from lowvram.engine.vllm.backend import VllmBackend
 from lowvram.engine.vllm.model import load_model_facts
 from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each, sleep_level
+from lowvram.engine.vllm.sleep import SharedGpu
 from tests.helpers import (
     FAKE_ENGINE,
     FIXTURES,
@@ -51,7 +52,7 @@ def test_each_model_is_planned_for_the_budget_less_the_sleeping_others(tmp_path:
     backends, names = build_backends(settings)
     assert names == ["chat", "coder", "third"]
     for backend in backends:
-        assert isinstance(backend, VllmBackend) and backend.sleep_mode
+        assert isinstance(backend, VllmBackend) and backend.shared is not None
         assert backend.plan.budget == 16 * GiB - 2 * SLEEPING_RESIDUAL
         assert backend.plan.estimate.total <= backend.plan.budget
     launch = backends[1].launch(8123, "key")
@@ -94,8 +95,7 @@ def test_nvidia_smi_counting_the_sleeping_engines_too_is_not_over_the_budget(
             model,
             TEST_MACHINE,
             settings,
-            served_name="a",
-            shared_bytes=shared,
+            shared=SharedGpu("a", shared),
             measure_vram=lambda _: used,
         )
 

@@ -25,7 +25,7 @@ from lowvram.engine.vllm import plugin
 from lowvram.engine.vllm.deployment import Deployment, plan_deployment
 from lowvram.engine.vllm.model import ModelFacts
 from lowvram.engine.vllm.plan import EnginePlan
-from lowvram.engine.vllm.sleep import SLEEP_ENV, sleep_args
+from lowvram.engine.vllm.sleep import SLEEP_ENV, SharedGpu, sleep_args
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -66,13 +66,9 @@ class VllmBackend:
         replica: int = 0,
         detect_free: Callable[[Sequence[int]], int | None] = _free_now,
         measure_vram: Callable[[int], int | None] = gpu_memory_used,
-        served_name: str | None = None,
-        shared_bytes: int = 0,
+        shared: SharedGpu | None = None,
     ) -> None:
-        """`served_name`: one of several models on one GPU (ENGINE_MODELS), by the name
-        clients use: its engine starts with vLLM's sleep mode (vllm/several.py);
-        `shared_bytes`: what the other engines on its GPU may hold meanwhile (asleep),
-        which nvidia-smi counts with this one's."""
+        """`shared`: one engine of several on one GPU (vllm/several.py)."""
         if hardware.gpu is None:
             raise SetupError("vLLM needs an NVIDIA GPU and none was found")
         self._model = model
@@ -82,9 +78,7 @@ class VllmBackend:
         self._extra_args = shlex.split(settings.extra_args)
         self._detect_free = detect_free
         self._measure_vram = measure_vram
-        self._served_name = served_name
-        self.sleep_mode = served_name is not None
-        self._shared_bytes = shared_bytes
+        self.shared = shared
         self.deployment = deployment or plan_deployment(model, hardware, settings)
         if self.deployment.replicas > 1 and not devices_by_index():
             raise SetupError(
@@ -114,12 +108,12 @@ class VllmBackend:
             "--port",
             str(port),
             "--disable-uvicorn-access-log",
-            *(sleep_args(self._served_name) if self._served_name else []),
+            *(sleep_args(self.shared.served_name) if self.shared else []),
             *self._extra_args,
         ]
         # The key goes in the environment: a command line is visible to every local user.
         env: dict[str, str | None] = {**self.plan.to_env(), "VLLM_API_KEY": api_key}
-        if self.sleep_mode:
+        if self.shared:
             env |= SLEEP_ENV
         if devices_by_index():
             # Its GPUs, numbered as NVML and nvidia-smi number them (the planner's numbers).
@@ -132,7 +126,7 @@ class VllmBackend:
 
     def served_model(self) -> ServedModel:
         return ServedModel(
-            id=self._served_name or self.plan.served_name,
+            id=self.shared.served_name if self.shared else self.plan.served_name,
             context_length=self.plan.max_model_len,
             max_batch=self.plan.max_num_seqs,
             tokenizer="vllm",
@@ -214,7 +208,7 @@ class VllmBackend:
         self.vram_used = {
             index: used for index in self.gpus if (used := self._measure_vram(index)) is not None
         }
-        allowed = self.plan.budget + self._shared_bytes
+        allowed = self.plan.budget + (self.shared.others_bytes if self.shared else 0)
         over = {i: used for i, used in self.vram_used.items() if used > allowed}
         if over:
             problems.append(

@@ -30,6 +30,17 @@ SLEEP_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 """What a sleep-mode engine needs in its environment (with `--enable-sleep-mode`)."""
 
 
+@dataclass(frozen=True)
+class SharedGpu:
+    """An engine that is one of several on one GPU (ENGINE_MODELS), with sleep mode on."""
+
+    served_name: str
+    """The name clients use for its model."""
+    others_bytes: int
+    """What the other engines keep on the GPU meanwhile (asleep): nvidia-smi counts it with
+    this engine's own."""
+
+
 def sleep_args(served_name: str) -> list[str]:
     """The arguments an engine of several gets beside its plan's: the name clients use."""
     return ["--served-model-name", served_name, "--enable-sleep-mode"]
