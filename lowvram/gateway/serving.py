@@ -144,11 +144,6 @@ class Gateway:
             raise self._unavailable(self.engine.state)
         return models
 
-    def served_model(self, name: str | None = None) -> ServedModel:
-        """A served model by its id (the default one without)."""
-        models = self.served_models()
-        return next((m for m in models if m.id == name), models[0])
-
     def model_ids(self, key: KeyRecord) -> list[tuple[str, ServedModel]]:
         """Each name this key may use (the models' ids and their aliases), with its model."""
         named = []
