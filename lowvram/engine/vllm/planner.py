@@ -272,7 +272,7 @@ def plan_vllm(
     _check_split(model, tp, pp)
     vocab_modes, vocab_note = _vocab_modes(model, settings, pp, plugin_missing)
     whole, model = model, model.shard(tp, pp)
-    asked = Asked(gpu, host, settings, _budget(settings, gpu), rung)
+    asked = Asked(gpu, host, settings, budget_for(settings, gpu), rung)
     search = Search(
         model,
         memory.usable_bytes(asked.budget),
@@ -334,7 +334,8 @@ def _check_split(model: ModelFacts, tp: int, pp: int) -> None:
         raise PlanError(f"{model.name} has {model.layers} layers, too few for {pp} stages")
 
 
-def _budget(settings: EngineSettings, gpu: GpuFacts) -> int:
+def budget_for(settings: EngineSettings, gpu: GpuFacts) -> int:
+    """ENGINE_VRAM, else 95% of what the GPU has free; never more than the GPU has."""
     budget = int(settings.vram) if settings.vram is not None else int(gpu.free_bytes * 0.95)
     if budget > gpu.total_bytes:
         raise PlanError(

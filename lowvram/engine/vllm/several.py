@@ -33,6 +33,7 @@ from lowvram.engine.swap import ModelUnavailable, SwapGate, SwapPolicy
 from lowvram.engine.units import MiB, gib
 from lowvram.engine.vllm.memory import HOST_RESERVE
 from lowvram.engine.vllm.plan import EnginePlan
+from lowvram.engine.vllm.planner import budget_for
 from lowvram.engine.vllm.sleep import SleepError, SleepLevel, VllmSleeper
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,8 @@ nvidia-smi for a Qwen3-8B shape at level 1 (H200, vLLM 0.26, issue 17's measurem
 
 def budget_each(settings: EngineSettings, hardware: Hardware, models: int) -> int:
     """The budget each engine is planned for: the whole, less the sleeping others."""
-    gpu = hardware.gpu
-    assert gpu is not None
-    whole = int(settings.vram) if settings.vram is not None else int(gpu.free_bytes * 0.95)
+    assert hardware.gpu is not None
+    whole = budget_for(settings, hardware.gpu)
     each = whole - (models - 1) * SLEEPING_RESIDUAL
     if each <= SLEEPING_RESIDUAL:
         raise PlanError(
