@@ -88,7 +88,7 @@ def vllm_models(
     from lowvram.engine.vllm.deployment import plan_deployment
     from lowvram.engine.vllm.memory import HOST_RESERVE
     from lowvram.engine.vllm.model import ModelFacts, load_model_facts
-    from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each
+    from lowvram.engine.vllm.several import SLEEPING_RESIDUAL, budget_each, host_room
     from lowvram.engine.vllm.sleep import SharedGpu
 
     if (settings.replicas or 1) > 1 or (settings.gpus or 1) > 1:
@@ -116,15 +116,17 @@ def vllm_models(
             ) from exc
         shared = SharedGpu(served_name=name, others_bytes=asleep)
         engines.append(VllmBackend(model, hardware, alone, deployment=deployment, shared=shared))
-    # Every engine's offloaded weights stay in host memory, asleep or not.
     names = list(found)
-    offloaded = [(n, e.plan.host_offload_bytes) for n, e in zip(names, engines, strict=True)]
-    room = hardware.host.available_bytes - HOST_RESERVE
-    if sum(size for _, size in offloaded) > room:
-        listed = ", ".join(f"{n} {gib(size)}" for n, size in offloaded if size)
+    if host_room([e.plan for e in engines], hardware) < 0:
+        listed = ", ".join(
+            f"{n} {gib(e.plan.host_offload_bytes)}"
+            for n, e in zip(names, engines, strict=True)
+            if e.plan.host_offload_bytes
+        )
+        available = hardware.host.available_bytes - HOST_RESERVE
         raise PlanError(
             f"the models' weights in host memory add up to more than the host has free "
-            f"({listed}; {gib(room)} available beside {gib(HOST_RESERVE)} kept): raise "
+            f"({listed}; {gib(available)} available beside {gib(HOST_RESERVE)} kept): raise "
             "ENGINE_VRAM so that less is offloaded, or serve fewer models"
         )
     return list(engines), names

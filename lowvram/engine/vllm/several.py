@@ -56,13 +56,18 @@ def budget_each(settings: EngineSettings, hardware: Hardware, models: int) -> in
     return each
 
 
+def host_room(plans: Sequence[EnginePlan], hardware: Hardware) -> int:
+    """Host memory left beside every engine's offloaded weights (they stay there, asleep or
+    not) and the reserve; negative where they do not fit together."""
+    offloaded = sum(p.host_offload_bytes for p in plans)
+    return hardware.host.available_bytes - HOST_RESERVE - offloaded
+
+
 def sleep_level(plans: Sequence[EnginePlan], hardware: Hardware) -> SleepLevel:
     """1 where host memory holds the GPU weights of every model but the awake one (the
     largest awake, to be safe) beside what the plans already offload; 2 otherwise."""
     weights = sorted((p.estimate.weights for p in plans), reverse=True)
-    offloaded = sum(p.host_offload_bytes for p in plans)
-    room = hardware.host.available_bytes - HOST_RESERVE - offloaded
-    return 1 if sum(weights[1:]) <= room else 2
+    return 1 if sum(weights[1:]) <= host_room(plans, hardware) else 2
 
 
 def explain_sleep(level: SleepLevel, models: int) -> str:
