@@ -24,10 +24,8 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,8 +36,8 @@ import httpx
 
 from lowvram.engine.llamacpp.fetch import resolve_gguf
 from lowvram.engine.llamacpp.plan import usable_cores
-from lowvram.engine.supervisor import free_port
 from lowvram.paths import data_dir
+from tests.helpers import lowvram_serve
 
 KEY = "bench-model-swap-key"
 PROMPT = "What is the capital of France? Answer in one word."
@@ -47,36 +45,11 @@ PROMPT = "What is the capital of France? Answer in one word."
 
 @contextlib.contextmanager
 def serving(settings: dict[str, str], workdir: Path, tag: str) -> Iterator[str]:
-    """`lowvram serve` with these settings until ready (the log in `workdir`); SIGTERM after."""
-    port = free_port()
-    env = (
-        os.environ
-        | {
-            "GATEWAY_API_KEYS": KEY,
-            "GATEWAY_PORT": str(port),
-            "GATEWAY_DB_PATH": str(workdir / f"gateway-{tag}.sqlite3"),
-            "ENGINE_LOG_FILE": str(workdir / f"engine-{tag}.log"),
-        }
-        | settings
-    )
-    with (workdir / f"serve-{tag}.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "lowvram", "serve"], env=env, stdout=log, stderr=log
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 1200
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            if process.poll() is not None:
-                raise RuntimeError(f"lowvram serve exited with {process.returncode} ({tag})")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
+    """`lowvram serve` with these settings until ready (its files in `workdir`/`tag`)."""
+    own = workdir / tag
+    own.mkdir(parents=True, exist_ok=True)
+    with lowvram_serve(own, {"GATEWAY_API_KEYS": KEY} | settings, ready_timeout=1200) as served:
+        yield served.url
 
 
 def first_token(url: str, model: str) -> float:
